@@ -1,0 +1,87 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), and rebuilding a model from one.
+
+A checkpoint is a plain dict of tensors and Python primitives (no pickled objects), so it loads with
+``torch.load(path, weights_only=True)``::
+
+    format        "stbp/1"
+    model_kwargs  the keyword arguments of :func:`stbp.resnet19` that rebuild the network
+    model         the unwrapped model's state_dict
+    config        the resolved training config (nested dict, see :mod:`stbp.config`)
+    optimizer, scheduler, epoch (epochs completed), early_stopping, best_val_acc, metrics (one dict per epoch),
+    rng, mlflow_run_id
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import MODEL_KWARGS, resnet19
+
+__all__ = ["CheckpointError", "FORMAT", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
+
+FORMAT = "stbp/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt or not one of ours."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, fsync, then rename.
+
+    A reader (or a crash) never sees a half-written file under ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``; :class:`CheckpointError` if it is not a valid one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, foreign object types...
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise CheckpointError(f"{path} is not an stbp checkpoint (expected format {FORMAT!r})")
+    return state
+
+
+def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
+    kwargs = {k: v for k, v in state["model_kwargs"].items() if k in MODEL_KWARGS}
+    model = resnet19(**kwargs)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not match the architecture {kwargs}: {e}") from e
+    return model
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu"):
+    """Rebuild the trained model and its config from a checkpoint written by training.
+
+    Returns ``(model, config)``: the model in eval mode on ``map_location``, and the resolved
+    :class:`stbp.config.Config` it was trained with.
+    """
+    from .config import config_from_dict
+
+    state = read_checkpoint(path, map_location)
+    model = build_model_from_checkpoint(state).eval()
+    return model, config_from_dict(state["config"])

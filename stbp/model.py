@@ -1,0 +1,156 @@
+"""Spiking ResNet-19 (tdBN paper, Zheng et al. 2021, table 5) built from :class:`LIF` and :class:`TdBN`.
+
+Shapes: images ``[N, C, H, W]`` are repeated over ``T`` time steps (direct encoding); every convolution and
+tdBN sees ``[T*N, C, H, W]`` with time folded into the batch; each LIF unfolds it to ``[T, N, ...]`` by a view.
+The logits ``[N, num_classes]`` are the mean over time of the last linear layer (``readout="mean"``), or
+the firing rate of a spiking output layer (``readout="spikes"``, the reference's behaviour, whose logits at T=2
+can only be 0, 0.5 or 1).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .neuron import LIF
+from .tdbn import RESIDUAL_ALPHA, TdBN
+
+__all__ = ["BasicBlock", "SpikingResNet", "resnet19", "MODEL_KWARGS"]
+
+# The keyword arguments of resnet19(); checkpoints store exactly these to rebuild a model.
+MODEL_KWARGS = (
+    "num_classes", "in_channels", "timesteps", "v_th", "aa", "tau", "width", "readout", "fast_lif",
+)
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-tdBN-LIF-conv3x3-tdBN(alpha=1/sqrt2) + shortcut, then LIF.
+
+    The shortcut is the identity, or a 1x1 conv + tdBN(alpha=1/sqrt2) when the shape changes.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, timesteps: int, neuron: dict):
+        super().__init__()
+        v_th = neuron["v_th"]
+        self.timesteps = timesteps
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn1 = TdBN(cout, v_th=v_th)
+        self.lif1 = LIF(**neuron)
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn2 = TdBN(cout, v_th=v_th, alpha=RESIDUAL_ALPHA)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                TdBN(cout, v_th=v_th, alpha=RESIDUAL_ALPHA),
+            )
+        self.lif2 = LIF(**neuron)
+
+    def forward(self, x: Tensor) -> Tensor:  # [T*N, C, H, W] spikes -> [T*N, C', H', W'] spikes
+        out = self.lif1.forward_folded(self.bn1(self.conv1(x)), self.timesteps)
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return self.lif2.forward_folded(out, self.timesteps)
+
+
+class SpikingResNet(nn.Module):
+    """Stem conv, three stages of :class:`BasicBlock`, global average pool, FC-LIF, FC."""
+
+    def __init__(
+        self,
+        stages: tuple[tuple[int, int, int], ...] = ((128, 3, 1), (256, 3, 2), (512, 2, 2)),
+        stem_channels: int = 128,
+        hidden: int = 256,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        timesteps: int = 2,
+        v_th: float = 0.4,
+        aa: float = 0.5,
+        tau: float = 0.25,
+        readout: str = "mean",
+        fast_lif: bool = True,
+    ):
+        super().__init__()
+        if readout not in ("mean", "spikes"):
+            raise ValueError(f"readout must be 'mean' or 'spikes', got {readout!r}")
+        if timesteps < 1:
+            raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+        neuron = dict(v_th=v_th, aa=aa, tau=tau, fast=fast_lif)
+        self.timesteps = timesteps
+        self.readout = readout
+        self.conv1 = _conv3x3(in_channels, stem_channels)
+        self.bn1 = TdBN(stem_channels, v_th=v_th)
+        self.lif1 = LIF(**neuron)
+        cin = stem_channels
+        self.stages = nn.ModuleList()
+        for cout, blocks, stride in stages:
+            layers = []
+            for i in range(blocks):
+                layers.append(BasicBlock(cin, cout, stride if i == 0 else 1, timesteps, neuron))
+                cin = cout
+            self.stages.append(nn.Sequential(*layers))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(cin, hidden)
+        self.lif_fc1 = LIF(**neuron)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        self.lif_out = LIF(**neuron) if readout == "spikes" else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # fc1 sees pooled firing rates (mean ~0.1-0.2) with no normalisation before its LIF. With torch's default
+        # Linear init its drive stays far below v_th and the layer starts silent, starving the readout; a
+        # Kaiming (fan-in) init puts the drive on the threshold's scale so it fires from the first step.
+        nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
+        nn.init.zeros_(self.fc1.bias)
+
+    def forward(self, images: Tensor) -> Tensor:  # [N, C, H, W] -> [N, num_classes]
+        steps, n = self.timesteps, images.shape[0]
+        # Direct encoding: the stem sees the same image at every step, so convolve it once and repeat the result
+        # over time ([N, ...] -> [T*N, ...]); the gradient of the repeat sums over time, as it should.
+        x = self.conv1(images)
+        x = x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
+        x = self.lif1.forward_folded(self.bn1(x), steps)
+        for stage in self.stages:
+            x = stage(x)
+        x = self.pool(x).flatten(1)  # [T*N, C]
+        x = self.lif_fc1.forward_folded(self.fc1(x), steps)
+        x = self.fc2(x).view(steps, n, -1)  # [T, N, classes]
+        if self.lif_out is not None:
+            x = self.lif_out(x)
+        return x.mean(0)
+
+
+def resnet19(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    timesteps: int = 2,
+    v_th: float = 0.4,
+    aa: float = 0.5,
+    tau: float = 0.25,
+    width: float = 1.0,
+    readout: str = "mean",
+    fast_lif: bool = True,
+) -> SpikingResNet:
+    """Spiking ResNet-19: conv3x3,128; [3x3,128]x2 x3; [3x3,256]x2 x3 (stride 2); [3x3,512]x2 x2 (stride 2);
+    global average pool; FC 256 -> LIF; FC ``num_classes``. ``width`` scales every channel count (and FC 256).
+
+    With ``in_channels=3`` and ``width=1`` it has 12,697,994 parameters.
+    """
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    ch = lambda c: max(1, round(c * width))
+    return SpikingResNet(
+        stages=((ch(128), 3, 1), (ch(256), 3, 2), (ch(512), 2, 2)),
+        stem_channels=ch(128),
+        hidden=ch(256),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        timesteps=timesteps,
+        v_th=v_th,
+        aa=aa,
+        tau=tau,
+        readout=readout,
+        fast_lif=fast_lif,
+    )

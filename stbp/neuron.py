@@ -1,0 +1,154 @@
+"""STBP spiking neuron: Heaviside spike with a rectangular surrogate gradient, and a multi-step LIF layer.
+
+Shapes: the LIF layer takes ``[T, N, ...]`` (time first). Convolutions and tdBN see time folded into the
+batch, ``[T*N, C, H, W]``; :meth:`LIF.forward_folded` does the (free) views between the two.
+
+Dynamics (Wu et al. 2018, STBP; Zheng et al. 2021, tdBN):
+
+    u_t = tau * u_{t-1} * (1 - o_{t-1}) + x_t,      u_{-1} = 0, o_{-1} = 0
+    o_t = H(u_t - v_th)                              (spike when u_t > v_th)
+    do_t/du_t ~= 1/(2*aa) * 1[|u_t - v_th| < aa]     (rectangular surrogate, centred at v_th)
+
+The reference implementation centred the surrogate window at 0; here it is centred at the threshold, where the
+Heaviside step actually is. Gradients flow through the reset term ``(1 - o_{t-1})`` (it is not detached).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["spike", "SpikeFunction", "lif_reference", "lif_fused", "LIF"]
+
+
+class SpikeFunction(torch.autograd.Function):
+    """Heaviside forward ``u > v_th``; rectangular surrogate backward ``1/(2*aa)`` on ``|u - v_th| < aa``.
+
+    The window is centred at ``v_th`` (not at 0 as in the reference code) and is open: points exactly on its
+    edge, ``|u - v_th| == aa``, get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v_th: float, aa: float) -> Tensor:
+        mask = (u - v_th).abs() < aa
+        ctx.save_for_backward(mask)
+        ctx.aa = aa
+        return (u > v_th).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad_out * mask.to(grad_out.dtype) * (0.5 / ctx.aa), None, None
+
+
+def spike(u: Tensor, v_th: float = 0.4, aa: float = 0.5) -> Tensor:
+    """Spikes ``(u > v_th)`` as ``u.dtype``, with the rectangular surrogate gradient (see :class:`SpikeFunction`)."""
+    return SpikeFunction.apply(u, v_th, aa)
+
+
+def lif_reference(x: Tensor, v_th: float, aa: float, tau: float, return_membrane: bool = False):
+    """The LIF recurrence as a plain loop over time with autograd through every op: the oracle for the fast path.
+
+    With ``return_membrane=True`` returns ``(spikes, membrane)``, both ``[T, N, ...]``.
+    """
+    u = torch.zeros_like(x[0])
+    o = torch.zeros_like(x[0])
+    out, membrane = [], []
+    for t in range(x.shape[0]):
+        u = tau * u * (1 - o) + x[t]
+        o = spike(u, v_th, aa)
+        out.append(o)
+        membrane.append(u)
+    if return_membrane:
+        return torch.stack(out), torch.stack(membrane)
+    return torch.stack(out)
+
+
+class _LIFFunction(torch.autograd.Function):
+    """The whole LIF time loop as one autograd node that saves only what STBP's backward needs.
+
+    Per step it keeps the spike and the surrogate window as bool tensors, and the membrane ``u_t`` only for
+    ``t < T-1`` (the reset term ``-tau * u_t * o_t`` of step ``t+1`` needs it; the last step's does not exist).
+    Backward, with ``g_t`` the incoming gradient of ``o_t`` and ``s_t = 1[|u_t - v_th| < aa] / (2*aa)``:
+
+        dL/do_t = g_t - tau * u_t * dL/du_{t+1}
+        dL/du_t = s_t * dL/do_t + tau * (1 - o_t) * dL/du_{t+1}
+        dL/dx_t = dL/du_t
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, v_th: float, aa: float, tau: float) -> Tensor:
+        steps = x.shape[0]
+        # The membrane is integrated in fp32 even under autocast; spikes are exact in any dtype.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        out = torch.empty_like(x)
+        spikes = torch.empty_like(x, dtype=torch.bool)
+        window = torch.empty_like(x, dtype=torch.bool)
+        membranes = []
+        u = torch.zeros_like(xf[0])
+        o = torch.zeros_like(xf[0])
+        for t in range(steps):
+            # Same ops in the same order as lif_reference, so the forward is bit-identical.
+            u = tau * u * (1 - o) + xf[t]
+            torch.gt(u, v_th, out=spikes[t])
+            o = spikes[t].to(xf.dtype)
+            out[t] = o
+            torch.lt((u - v_th).abs(), aa, out=window[t])
+            if t < steps - 1:
+                membranes.append(u)
+        ctx.save_for_backward(spikes, window, *membranes)
+        ctx.params = (aa, tau)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        spikes, window, *membranes = ctx.saved_tensors
+        aa, tau = ctx.params
+        g = grad_out.to(membranes[0].dtype if membranes else torch.promote_types(grad_out.dtype, torch.float32))
+        grad_x = torch.empty_like(grad_out)
+        grad_u_next = None
+        for t in range(g.shape[0] - 1, -1, -1):
+            grad_o = g[t]
+            if grad_u_next is not None:
+                grad_o = grad_o - tau * membranes[t] * grad_u_next
+            grad_u = grad_o * window[t] * (0.5 / aa)
+            if grad_u_next is not None:
+                grad_u = grad_u + tau * (~spikes[t]) * grad_u_next
+            grad_x[t] = grad_u
+            grad_u_next = grad_u
+        return grad_x, None, None, None
+
+
+def lif_fused(x: Tensor, v_th: float, aa: float, tau: float) -> Tensor:
+    """Fast path of :func:`lif_reference`: same forward bit for bit, gradients equal to rounding."""
+    return _LIFFunction.apply(x, v_th, aa, tau)
+
+
+class LIF(nn.Module):
+    """Multi-step leaky integrate-and-fire layer with STBP's rectangular surrogate gradient.
+
+    Input ``[T, N, ...]`` (membrane drive per time step), output spikes of the same shape and dtype. No state
+    is kept between calls. ``fast=True`` runs the whole time loop as one fused autograd node
+    (:func:`lif_fused`); ``fast=False`` runs the plain loop (:func:`lif_reference`).
+    """
+
+    def __init__(self, v_th: float = 0.4, aa: float = 0.5, tau: float = 0.25, fast: bool = True):
+        super().__init__()
+        if not v_th > 0:
+            raise ValueError(f"v_th must be > 0, got {v_th}")
+        if not aa > 0:
+            raise ValueError(f"aa must be > 0, got {aa}")
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+        self.v_th, self.aa, self.tau, self.fast = float(v_th), float(aa), float(tau), fast
+
+    def forward(self, x: Tensor) -> Tensor:
+        fn = lif_fused if self.fast else lif_reference
+        return fn(x, self.v_th, self.aa, self.tau)
+
+    def forward_folded(self, x: Tensor, timesteps: int) -> Tensor:
+        """``[T*N, ...]`` in, ``[T*N, ...]`` out: unfolds time, fires, folds back (views, no copies)."""
+        return self(x.view(timesteps, x.shape[0] // timesteps, *x.shape[1:])).flatten(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"v_th={self.v_th}, aa={self.aa}, tau={self.tau}, fast={self.fast}"

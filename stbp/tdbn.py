@@ -1,0 +1,126 @@
+"""Threshold-dependent batch normalisation (tdBN; Zheng et al. 2021, arXiv 2011.05280, eq. 5-6).
+
+Input is time folded into the batch, ``[T*N, C, H, W]``, so the per-channel statistics run over batch, time,
+height and width at once, exactly as the paper prescribes:
+
+    x_hat = alpha * v_th * (x - mean) / sqrt(var + eps)
+    y     = weight * x_hat + bias
+
+``alpha`` is 1 for ordinary layers and 1/sqrt(2) on the two branches that meet in a residual sum, so the sum
+has the same pre-activation scale as a plain layer.
+
+Cross-rank synchronisation: torch's ``SyncBatchNorm`` refuses CPU tensors (and SpikingJelly's tdBN breaks under
+it). ``TdBN(sync=True)`` instead all-reduces per-channel sums and counts with the differentiable
+``torch.distributed.nn.functional.all_reduce``, which works under gloo (CPU) and NCCL alike, and whose backward
+all-reduces the gradients of the statistics, so the input gradient is the one a single process would compute on
+the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TdBN", "convert_sync_tdbn", "RESIDUAL_ALPHA"]
+
+# alpha of the tdBNs whose outputs meet in a residual sum (the paper's 1/sqrt(2)).
+RESIDUAL_ALPHA = 1 / math.sqrt(2)
+
+
+class TdBN(nn.BatchNorm2d):
+    """tdBN over time-folded input ``[T*N, C, H, W]``; a ``BatchNorm2d`` with the ``alpha * v_th`` scale.
+
+    The learnable ``weight``/``bias`` start at 1/0 as in any BatchNorm, so at initialisation the output has mean
+    0 and standard deviation ``alpha * v_th`` per channel. Running statistics are ordinary buffers and eval
+    mode uses them. ``sync=True`` (or :func:`convert_sync_tdbn`) synchronises the batch statistics across the
+    ranks of ``process_group`` during training.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        v_th: float = 0.4,
+        alpha: float = 1.0,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        sync: bool = False,
+        process_group=None,
+    ):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        if not v_th > 0:
+            raise ValueError(f"v_th must be > 0, got {v_th}")
+        self.v_th = float(v_th)
+        self.alpha = float(alpha)
+        self.sync = sync
+        self.process_group = process_group
+
+    @property
+    def scale(self) -> float:
+        return self.alpha * self.v_th
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"TdBN expects time-folded input [T*N, C, H, W], got shape {tuple(x.shape)}")
+        weight = self.weight * self.scale
+        if self.training and self.sync and _world_size(self.process_group) > 1:
+            return self._forward_synced(x, weight)
+        momentum = self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as in BatchNorm (this syncs; momentum is 0.1)
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, weight, self.bias, self.training, momentum, self.eps
+        )
+
+    def _forward_synced(self, x: Tensor, weight: Tensor) -> Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = (0, 2, 3)
+        # Sums in fp32 (fp64 where available would be slower on GPU); one all-reduce for sum, sum of squares
+        # and count keeps the collective count at one per layer.
+        xf = x.float()
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=xf.dtype, device=x.device)
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        stats = all_reduce(stats, group=self.process_group)
+        c = x.shape[1]
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            unbiased = var * (n / (n - 1).clamp_min(1))
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        inv = torch.rsqrt(var + self.eps) * weight
+        shape = (1, c, 1, 1)
+        y = (xf - mean.view(shape)) * inv.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, v_th={self.v_th}, alpha={self.alpha:.4g}, eps={self.eps}, "
+            f"momentum={self.momentum}, sync={self.sync}"
+        )
+
+
+def _world_size(group) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def convert_sync_tdbn(module: nn.Module, process_group=None) -> nn.Module:
+    """Switch every :class:`TdBN` in ``module`` to cross-rank statistics (in place; returns ``module``)."""
+    for m in module.modules():
+        if isinstance(m, TdBN):
+            m.sync = True
+            m.process_group = process_group
+    return module
+

@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# CI and developer machines have no internet: the real MNIST lives in ../shared/data beside the repo.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    path = os.environ.get("STBP_DATA_DIR") or str(SHARED_DATA)
+    if not (Path(path) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        pytest.fail(f"real MNIST not found under {path}; set STBP_DATA_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir):
+    from stbp.data import load_mnist
+
+    return load_mnist(data_dir, download=False)

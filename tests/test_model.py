@@ -1,0 +1,128 @@
+"""ResNet-19: the paper's table (shapes, parameter count), readouts, the firing-rate monitor, and learning."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stbp import LIF, FiringRateMonitor, TdBN, resnet19
+from stbp.data import normalize
+
+
+def test_resnet19_parameter_count_matches_the_table():
+    # Bias-free convolutions, affine tdBN, biased FC layers; the tdBN paper quotes 12.63M for CIFAR.
+    assert sum(p.numel() for p in resnet19(in_channels=3).parameters()) == 12_697_994
+
+
+def test_resnet19_layer_table():
+    m = resnet19(in_channels=3)
+    convs = [mod for name, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d) and "shortcut" not in name]
+    # stem + 2 convs x (3 + 3 + 2) blocks = 17 conv layers, + 2 FC = 19
+    assert len(convs) == 17
+    assert [c.out_channels for c in convs] == [128] + [128] * 6 + [256] * 6 + [512] * 4
+    assert [c.stride[0] for c in convs if c.stride[0] != 1] == [2, 2]
+    assert all(c.kernel_size == (3, 3) and c.bias is None for c in convs)
+    assert (m.fc1.in_features, m.fc1.out_features, m.fc2.out_features) == (512, 256, 10)
+    lifs = [mod for mod in m.modules() if isinstance(mod, LIF)]
+    assert len(lifs) == 1 + 2 * 8 + 1
+    alphas = sorted({round(b.alpha, 6) for b in m.modules() if isinstance(b, TdBN)})
+    assert alphas == [round(2**-0.5, 6), 1.0]
+
+
+@pytest.mark.parametrize("timesteps", [1, 2, 4])
+@pytest.mark.parametrize("readout", ["mean", "spikes"])
+def test_resnet19_shapes_and_finite_backward(timesteps, readout):
+    m = resnet19(width=0.0625, timesteps=timesteps, readout=readout)
+    x = torch.randn(3, 1, 28, 28)
+    y = m(x)
+    assert y.shape == (3, 10)
+    y.square().sum().backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if readout == "spikes":  # the reference's readout: firing rates, multiples of 1/T
+        assert torch.equal(torch.round(y * timesteps), y * timesteps)
+
+
+def test_width_scales_every_channel_count():
+    m = resnet19(width=0.125)
+    assert m.conv1.out_channels == 16 and m.fc1.in_features == 64 and m.fc1.out_features == 32
+
+
+def test_mean_readout_is_time_mean_of_last_layer():
+    m = resnet19(width=0.0625, timesteps=3).eval()
+    captured = {}
+    m.fc2.register_forward_hook(lambda mod, i, o: captured.setdefault("o", o))
+    y = m(torch.randn(2, 1, 28, 28))
+    torch.testing.assert_close(y, captured["o"].view(3, 2, 10).mean(0))
+
+
+def test_fast_and_plain_lif_models_agree():
+    torch.manual_seed(0)
+    fast = resnet19(width=0.0625)
+    plain = resnet19(width=0.0625, fast_lif=False)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    yf, yp = fast(x), plain(x)
+    torch.testing.assert_close(yf, yp, rtol=0, atol=0)
+    yf.sum().backward()
+    yp.sum().backward()
+    for (n, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_two_models_with_different_thresholds_live_in_one_process():
+    torch.manual_seed(0)
+    a = resnet19(width=0.0625, v_th=0.2)
+    b = resnet19(width=0.0625, v_th=0.8)
+    with torch.no_grad():  # tdBN makes the network scale-free in v_th at zero bias; a bias breaks that
+        for bn in a.modules():
+            if isinstance(bn, TdBN):
+                bn.bias.fill_(0.1)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    with FiringRateMonitor(a) as ma, FiringRateMonitor(b) as mb:
+        a(x), b(x)
+        ra, rb = ma.rates(), mb.rates()
+    assert {lif.v_th for lif in a.modules() if isinstance(lif, LIF)} == {0.2}
+    assert ra["lif1"] != rb["lif1"]
+
+
+def test_firing_rate_monitor_counts_spikes_per_layer_against_hooks():
+    m = resnet19(width=0.0625, timesteps=2)
+    seen = {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, LIF):
+            mod.register_forward_hook(lambda mod, i, o, name=name: seen.setdefault(name, []).append(o.detach().clone()))
+    mon = FiringRateMonitor(m)
+    m(torch.randn(5, 1, 28, 28))
+    m(torch.randn(3, 1, 28, 28))
+    rates = mon.rates()
+    assert list(rates) == list(seen) and "stages.0.0.lif1" in rates and "lif_fc1" in rates
+    for name, outs in seen.items():
+        expected = sum(o.sum().item() for o in outs) / sum(o.numel() for o in outs)
+        assert rates[name] == pytest.approx(expected)
+    mon.reset()
+    assert all(v == 0 for v in mon.rates().values())
+    mon.close()
+    m(torch.randn(2, 1, 28, 28))
+    assert all(v == 0 for v in mon.rates().values())  # detached: nothing recorded
+
+
+def test_a_few_adam_steps_on_real_mnist_lower_the_loss(mnist):
+    torch.manual_seed(0)
+    model = resnet19(width=0.125)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x = normalize(mnist.train_images[:256])
+    y = mnist.train_labels[:256]
+    model.eval()
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), y).item()
+    model.train()
+    for _ in range(12):
+        for xb, yb in zip(x.split(64), y.split(64)):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = F.cross_entropy(model(x), y).item()
+    assert after < 0.85 * before, (before, after)
