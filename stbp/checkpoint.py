@@ -44,6 +44,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             torch.save({"format": FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; checkpoints are shared with other users and nodes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

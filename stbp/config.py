@@ -315,6 +315,8 @@ class DataConfig(_Section):
     """0 = the whole training split (54,000 images); otherwise its first N images."""
     val_size: int = 6000
     """Images held out of the 60,000 official training images for validation."""
+    test_size: int = 0
+    """0 = the whole official test set (10,000 images); otherwise its first N (quick runs and tests only)."""
     crop_padding: int = 4
     """Zero-padding for the random crop; 0 disables random cropping."""
     hflip: bool = False
@@ -326,9 +328,11 @@ class DataConfig(_Section):
         _check_nonempty("data_dir", self.data_dir, optional=True)
         _check(self.train_size >= 0, f"train_size must be >= 0 (0 = all), got {self.train_size}")
         _check(
-            0 <= self.val_size < FULL_TRAIN_SPLIT,
-            f"val_size must be in [0, {FULL_TRAIN_SPLIT}), got {self.val_size}",
+            1 <= self.val_size < FULL_TRAIN_SPLIT,
+            f"val_size must be in [1, {FULL_TRAIN_SPLIT}) (early stopping needs a validation set), "
+            f"got {self.val_size}",
         )
+        _check(0 <= self.test_size <= 10_000, f"test_size must be in [0, 10000] (0 = all), got {self.test_size}")
         _check(self.crop_padding >= 0, f"crop_padding must be >= 0 (0 = off), got {self.crop_padding}")
 
 
@@ -545,7 +549,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
                 "epochs": 3,
                 "batch_size": 128,
                 "eval_batch_size": 2000,
-                "lr": 2e-3,
+                "lr": 3e-3,
                 "schedule": "cosine",
                 "output_dir": "runs/cpu",
             }
@@ -571,6 +575,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
                 "batch_size": 32,
                 "train_size": 512,
                 "val_size": 256,
+                "test_size": 512,
                 "eval_batch_size": 256,
                 "log_interval": 5,
                 "output_dir": "runs/tiny",

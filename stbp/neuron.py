@@ -119,8 +119,23 @@ class _LIFFunction(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+def _lif_inference(x: Tensor, v_th: float, tau: float) -> Tensor:
+    """The forward of :class:`_LIFFunction` alone (same ops, same order), when no gradient is needed."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = torch.empty_like(x)
+    u = torch.zeros_like(xf[0])
+    o = torch.zeros_like(xf[0])
+    for t in range(x.shape[0]):
+        u = tau * u * (1 - o) + xf[t]
+        o = (u > v_th).to(xf.dtype)
+        out[t] = o
+    return out
+
+
 def lif_fused(x: Tensor, v_th: float, aa: float, tau: float) -> Tensor:
     """Fast path of :func:`lif_reference`: same forward bit for bit, gradients equal to rounding."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _lif_inference(x, v_th, tau)
     return _LIFFunction.apply(x, v_th, aa, tau)
 
 

@@ -10,10 +10,9 @@ height and width at once, exactly as the paper prescribes:
 has the same pre-activation scale as a plain layer.
 
 Cross-rank synchronisation: torch's ``SyncBatchNorm`` refuses CPU tensors (and SpikingJelly's tdBN breaks under
-it). ``TdBN(sync=True)`` instead all-reduces per-channel sums and counts with the differentiable
-``torch.distributed.nn.functional.all_reduce``, which works under gloo (CPU) and NCCL alike, and whose backward
-all-reduces the gradients of the statistics, so the input gradient is the one a single process would compute on
-the concatenated batch.
+it). ``TdBN(sync=True)`` instead all-reduces per-channel sums and counts with a differentiable all-reduce that
+works under gloo (CPU) and NCCL alike, and whose backward all-reduces the gradients of the statistics, so the
+input gradient is the one a single process would compute on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -77,15 +76,13 @@ class TdBN(nn.BatchNorm2d):
         )
 
     def _forward_synced(self, x: Tensor, weight: Tensor) -> Tensor:
-        from torch.distributed.nn.functional import all_reduce
-
         dims = (0, 2, 3)
         # Sums in fp32 (fp64 where available would be slower on GPU); one all-reduce for sum, sum of squares
         # and count keeps the collective count at one per layer.
         xf = x.float()
         count = torch.full((1,), x.numel() // x.shape[1], dtype=xf.dtype, device=x.device)
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = all_reduce(stats, group=self.process_group)
+        stats = _AllReduceSum.apply(stats, self.process_group)
         c = x.shape[1]
         n = stats[2 * c]
         mean = stats[:c] / n
@@ -106,6 +103,28 @@ class TdBN(nn.BatchNorm2d):
             f"{self.num_features}, v_th={self.v_th}, alpha={self.alpha:.4g}, eps={self.eps}, "
             f"momentum={self.momentum}, sync={self.sync}"
         )
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is again a sum over ranks: every rank's loss depends on every rank's
+    statistics, so each rank's gradient of the statistics is the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _world_size(group) -> int:

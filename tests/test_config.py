@@ -53,7 +53,7 @@ def test_defaults_equal_documented_reference_values():
         fast_lif=True,
     )
     assert cfg.data == DataConfig(
-        data_dir=None, train_size=0, val_size=6000, crop_padding=4, hflip=False, download=True
+        data_dir=None, train_size=0, val_size=6000, test_size=0, crop_padding=4, hflip=False, download=True
     )
     assert cfg.optim == OptimConfig(
         optimizer="adam",
@@ -134,7 +134,7 @@ def test_seed_preset_has_the_reference_hyperparameters():
 
 def test_cpu_gpu_and_tiny_presets_apply_their_values():
     cpu = build_config(preset="cpu")
-    assert (cpu.model.width, cpu.run.epochs, cpu.run.batch_size, cpu.optim.lr) == (0.125, 3, 128, 2e-3)
+    assert (cpu.model.width, cpu.run.epochs, cpu.run.batch_size, cpu.optim.lr) == (0.125, 3, 128, 3e-3)
     assert (cpu.optim.schedule, cpu.run.eval_batch_size, cpu.run.output_dir) == ("cosine", 2000, "runs/cpu")
     gpu = build_config(preset="gpu")
     assert (gpu.model.width, gpu.run.epochs, gpu.run.batch_size, gpu.optim.lr) == (1.0, 11, 128, 1e-3)
@@ -142,7 +142,8 @@ def test_cpu_gpu_and_tiny_presets_apply_their_values():
     tiny = build_config(preset="tiny")
     assert (tiny.model.width, tiny.model.timesteps) == (0.0625, 2)
     assert (tiny.run.epochs, tiny.run.batch_size) == (1, 32)
-    assert (tiny.data.train_size, tiny.data.val_size, tiny.run.eval_batch_size) == (512, 256, 256)
+    assert (tiny.data.train_size, tiny.data.val_size, tiny.data.test_size, tiny.run.eval_batch_size) == (
+        512, 256, 512, 256)
     assert (tiny.run.log_interval, tiny.run.output_dir) == (5, "runs/tiny")
 
 
@@ -481,8 +482,8 @@ INVALID_VALUES = [
     ("num_classes", 1, "num_classes must be >= 2"),
     ("readout", "max", "readout must be one of 'mean', 'spikes', got 'max'"),
     ("train_size", -1, "train_size must be >= 0"),
-    ("val_size", -1, r"val_size must be in \[0, 60000\)"),
-    ("val_size", 60000, r"val_size must be in \[0, 60000\)"),
+    ("val_size", 0, r"val_size must be in \[1, 60000\)"),
+    ("val_size", 60000, r"val_size must be in \[1, 60000\)"),
     ("crop_padding", -1, "crop_padding must be >= 0"),
     ("data_dir", "", "data_dir must be a non-empty string"),
     ("optimizer", "rmsprop", "optimizer must be one of 'adam', 'adamw', 'sgd', got 'rmsprop'"),
@@ -548,10 +549,10 @@ def test_resume_accepts_keywords_and_paths(resume):
 def test_valid_boundary_values_are_accepted():
     cfg = apply_overrides(
         Config(),
-        {"tau": 1.0, "lr_gamma": 1.0, "val_size": 0, "train_size": 0, "crop_padding": 0, "patience": 0,
+        {"tau": 1.0, "lr_gamma": 1.0, "val_size": 1, "train_size": 0, "crop_padding": 0, "patience": 0,
          "momentum": 0.0, "betas": (0.0, 0.0), "warmup_epochs": 0, "num_classes": 2},
     )  # fmt: skip
-    assert cfg.model.tau == 1.0 and cfg.data.val_size == 0
+    assert cfg.model.tau == 1.0 and cfg.data.val_size == 1
 
 
 # ---------------------------------------------------------------- types
@@ -604,7 +605,7 @@ def test_apply_overrides_returns_a_new_config_and_leaves_the_old_one():
     new = apply_overrides(base, {"model.v_th": 0.3, "optim": {"lr": 0.5}, "batch_size": 7})
     assert new is not base
     assert (new.model.v_th, new.optim.lr, new.run.batch_size) == (0.3, 0.5, 7)
-    assert (base.model.v_th, base.optim.lr, base.run.batch_size) == (0.4, 2e-3, 128)
+    assert (base.model.v_th, base.optim.lr, base.run.batch_size) == (0.4, 3e-3, 128)
     assert new.data is base.data  # untouched sections are shared (immutable)
     assert new.preset == "cpu"
 

@@ -42,9 +42,12 @@ def test_resnet19_shapes_and_finite_backward(timesteps, readout):
         assert torch.equal(torch.round(y * timesteps), y * timesteps)
 
 
-def test_width_scales_every_channel_count():
+def test_width_scales_every_convolution_but_not_the_spiking_fc_layer():
     m = resnet19(width=0.125)
-    assert m.conv1.out_channels == 16 and m.fc1.in_features == 64 and m.fc1.out_features == 32
+    convs = [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    full = [c.out_channels for c in resnet19().modules() if isinstance(c, torch.nn.Conv2d)]
+    assert convs == [c // 8 for c in full]
+    assert m.fc1.in_features == 64 and m.fc1.out_features == 256
 
 
 def test_mean_readout_is_time_mean_of_last_layer():

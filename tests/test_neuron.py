@@ -81,6 +81,8 @@ def test_fused_lif_equals_plain_loop_forward_exactly_and_gradients_to_1e6(shape,
     o1 = lif_reference(x1, v_th, aa, tau)
     o2 = lif_fused(x2, v_th, aa, tau)
     assert torch.equal(o1, o2)
+    with torch.no_grad():  # the inference path (nothing saved for backward) gives the same spikes
+        assert torch.equal(lif_fused(x, v_th, aa, tau), o1)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     (o1 * w).sum().backward()
     (o2 * w).sum().backward()

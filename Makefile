@@ -1,0 +1,56 @@
+# `make test` and `make train` are the whole quick start: the first call creates .venv/ and installs the project.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: help install test test-fast lint train sweep ui bench clean
+
+help:
+	@echo "make train   train ResNet-19 on MNIST (GPUs: 'seed' preset under torchrun on all of them; else 'cpu')"
+	@echo "make sweep   Ray Tune + Optuna sweep of v_th/aa (GPUs: sweeps/vth_aa.yaml; else sweeps/smoke.yaml)"
+	@echo "make ui      MLflow UI on the local store (mlflow.db)"
+	@echo "make test    the test suite;  make lint   ruff;  make bench   CPU benchmarks"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+train: $(STAMP)
+	@gpus=$$($(PY) -c "import torch; print(torch.cuda.device_count())"); \
+	if [ "$$gpus" -gt 0 ]; then \
+	  echo "[make train] $$gpus GPU(s): 'seed' preset under torchrun --nproc-per-node=$$gpus"; \
+	  $(VENV)/bin/torchrun --standalone --nproc-per-node=$$gpus train_ddp.py --preset seed $(ARGS); \
+	else \
+	  echo "[make train] no GPU: 'cpu' preset in one process"; \
+	  $(PY) train_ddp.py --preset cpu $(ARGS); \
+	fi
+
+sweep: $(STAMP)
+	@gpus=$$($(PY) -c "import torch; print(torch.cuda.device_count())"); \
+	if [ "$$gpus" -gt 0 ]; then sweep=sweeps/vth_aa.yaml; else sweep=sweeps/smoke.yaml; fi; \
+	echo "[make sweep] $$gpus GPU(s): $$sweep"; \
+	$(PY) tune.py --sweep $$sweep $(ARGS)
+
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+bench: $(STAMP)
+	$(PY) bench/cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

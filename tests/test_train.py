@@ -1,0 +1,212 @@
+"""Training end to end: torchrun DDP, exact resume, DDP equivalence, checkpoints, MLflow records, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stbp import load_checkpoint, resnet19
+from stbp.checkpoint import read_checkpoint
+from stbp.config import ConfigError, build_config
+from stbp.data import DataNotFoundError
+from stbp.train import TrainingDiverged, lr_at, train
+from tests._dist import free_port, run_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(tmp_path, data_dir, **overrides):
+    base = dict(data_dir=data_dir, output_dir=str(tmp_path / "out"), mlflow=False, train_size=256,
+                val_size=128, batch_size=32)
+    return build_config(preset="tiny", overrides={**base, **overrides})
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    full = train(tiny(tmp_path / "a", data_dir, epochs=2, patience=0))
+    first = train(tiny(tmp_path / "b", data_dir, epochs=1, patience=0))
+    resumed = train(tiny(tmp_path / "b", data_dir, epochs=2, patience=0))  # resume=auto by default
+    assert (first["epochs_run"], resumed["epochs_run"], full["epochs_run"]) == (1, 2, 2)
+    a = read_checkpoint(tmp_path / "a" / "out" / "checkpoints" / "last.pt")
+    b = read_checkpoint(tmp_path / "b" / "out" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert b["metrics"][0] == pytest.approx(a["metrics"][0] | {"epoch_time_s": b["metrics"][0]["epoch_time_s"],
+                                                              "images_per_s": b["metrics"][0]["images_per_s"]})
+
+
+def test_checkpoints_load_safely_and_rebuild_the_model(tmp_path, data_dir):
+    summary = train(tiny(tmp_path, data_dir, epochs=1, v_th=0.3, aa=0.6))
+    ckpt = Path(summary["output_dir"]) / "checkpoints"
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(ckpt / name, weights_only=True)
+        assert {"model", "optimizer", "scheduler", "epoch", "early_stopping", "rng", "config", "metrics"} <= set(state)
+    model, cfg = load_checkpoint(ckpt / "best.pt")
+    assert (cfg.model.v_th, cfg.model.aa) == (0.3, 0.6)
+    assert all(lif.v_th == 0.3 for lif in model.modules() if hasattr(lif, "v_th") and hasattr(lif, "aa"))
+    written = json.loads((Path(summary["output_dir"]) / "summary.json").read_text())
+    assert {"test_acc", "best_val_acc", "epochs_run", "images_per_s", "world_size", "mlflow_run_id"} <= set(written)
+    # The model rebuilt from best.pt gives the summary's test accuracy (independent evaluation path).
+    from stbp.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(ckpt / "best.pt", data_dir=data_dir, limit=cfg.data.test_size)
+    assert result["test_acc"] == pytest.approx(written["test_acc"], abs=1e-9)
+    assert set(result["firing_rates"]) == set(written["firing_rates"])
+
+
+def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, data_dir):
+    train(tiny(tmp_path, data_dir, epochs=2, patience=0))
+    ckpt = tmp_path / "out" / "checkpoints"
+    (ckpt / "last.pt").write_bytes((ckpt / "last.pt").read_bytes()[:1000])  # truncated
+    with pytest.warns(UserWarning, match="falling back"):
+        summary = train(tiny(tmp_path, data_dir, epochs=3, patience=0))
+    assert summary["epochs_run"] == 3  # epoch 1 from last.prev.pt, then epochs 2 and 3 again
+
+
+def test_resume_refuses_another_architecture(tmp_path, data_dir):
+    train(tiny(tmp_path, data_dir, epochs=1))
+    with pytest.raises(Exception, match="another architecture.*width"):
+        train(tiny(tmp_path, data_dir, epochs=2, width=0.125))
+
+
+def test_divergence_stops_with_epoch_step_and_lr(tmp_path, data_dir):
+    cfg = tiny(tmp_path, data_dir, optimizer="sgd", lr=1e37, momentum=0.0, log_interval=1, schedule="none")
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+ \(lr 1e\+37\)"):
+        train(cfg)
+
+
+def test_missing_data_offline_is_refused_before_training(tmp_path):
+    cfg = tiny(tmp_path, str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(DataNotFoundError, match="nowhere"):
+        train(cfg)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_more_ranks_than_batches_is_refused(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="batch"):
+        train(tiny(tmp_path, data_dir, train_size=16, batch_size=32))
+
+
+def test_lr_schedules():
+    step = build_config(preset="seed")
+    assert lr_at(step, 0) == 1e-3 and lr_at(step, 9.99) == 1e-3 and lr_at(step, 10.0) == pytest.approx(1e-4)
+    cos = build_config(overrides=dict(schedule="cosine", epochs=4, lr=1.0))
+    assert lr_at(cos, 0) == 1.0 and lr_at(cos, 2) == pytest.approx(0.5) and lr_at(cos, 4) == pytest.approx(0)
+    warm = build_config(overrides=dict(schedule="none", warmup_epochs=2, lr=1.0))
+    assert lr_at(warm, 1) == pytest.approx(0.5, abs=1e-3) and lr_at(warm, 3) == 1.0
+
+
+def _ddp_rank(rank, world, xs, ys, out):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from stbp import convert_sync_tdbn
+
+    torch.manual_seed(0)
+    model = convert_sync_tdbn(resnet19(width=0.0625))
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    for x, y in zip(xs, ys):
+        x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+
+
+def test_ddp_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(tmp_path, mnist):
+    from stbp.data import normalize
+
+    xs = [normalize(mnist.train_images[i * 16 : (i + 1) * 16]) for i in range(3)]
+    ys = [mnist.train_labels[i * 16 : (i + 1) * 16] for i in range(3)]
+    run_ranks(_ddp_rank, 2, xs, ys, str(tmp_path / "ddp.pt"))
+    torch.manual_seed(0)
+    model = resnet19(width=0.0625)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    ddp_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    moved = 0
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ddp_state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+        moved += key.endswith("weight")
+    assert moved > 10
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_trains_one_epoch_and_records_mlflow_run(tmp_path, data_dir):
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "STBP_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1", str(REPO / "train_ddp.py"),
+        "--preset", "tiny", "--output_dir", str(tmp_path / "out"), "--tracking_uri", f"sqlite:///{db}",
+        "--experiment", "ddp-test", "--epochs", "1", "--train_size", "512", "--batch_size", "64",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("epoch 1/1") == 1  # only rank 0 prints
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 1
+    assert (tmp_path / "out" / "checkpoints" / "best.pt").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("ddp-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1  # one run, from rank 0 only
+    run = runs[0]
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.params["v_th"] == "0.4" and run.data.params["batch_size"] == "64"
+    assert run.data.tags["world_size"] == "2"
+    assert {"train_loss", "val_acc", "lr", "images_per_s", "test_acc", "firing_rate/lif1"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoints", "summary.json", "firing_rates.png"} <= artifacts
+    ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert ckpts == {"checkpoints/last.pt", "checkpoints/best.pt"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--vth", "0.3"], "did you mean 'v_th'"),
+        (["--v_th", "-1"], "v_th must be > 0"),
+        (["--aa", "0"], "aa must be > 0"),
+        (["--tau", "1.5"], "tau"),
+        (["--timesteps", "0"], "timesteps"),
+        (["--batch_size", "abc"], "batch_size expects an int"),
+        (["--preset", "nope"], "nope"),
+    ],
+)
+def test_bad_command_lines_are_refused_with_a_clear_message(argv, message, capsys):
+    sys.path.insert(0, str(REPO))
+    import train_ddp
+
+    assert train_ddp.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_is_refused_before_training(tmp_path, data_dir):
+    from stbp.tracking import TrackingError
+
+    cfg = tiny(tmp_path, data_dir, mlflow=True, tracking_uri=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TrackingError, match="unreachable"):
+        train(cfg)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_config_yaml_file_drives_training(tmp_path, data_dir):
+    (tmp_path / "c.yaml").write_text("preset: tiny\nmodel:\n  v_th: 0.35\nrun:\n  epochs: 1\n")
+    cfg = build_config(yaml_path=tmp_path / "c.yaml", overrides=dict(mlflow=False, data_dir=data_dir,
+                                                                     output_dir=str(tmp_path / "o")))
+    assert cfg.model.v_th == 0.35 and cfg.model.width == 0.0625
+    with pytest.raises(ConfigError):
+        build_config(yaml_path=tmp_path / "c.yaml", overrides={"bogus": 1})

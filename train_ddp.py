@@ -1,0 +1,58 @@
+"""Train the spiking ResNet-19 on MNIST: ``python train_ddp.py`` or ``torchrun --nproc-per-node=N train_ddp.py``.
+
+    train_ddp.py [--config FILE.yaml] [--preset NAME] [--field value ...]
+
+Every config field can be given as ``--field value`` (dashes or underscores); ``--help-fields`` lists them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def parse_args(argv: list[str]):
+    from stbp.config import ConfigError, build_config, field_names, preset_names
+
+    config_path = preset = None
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        key, _, inline = arg.partition("=")
+        if key in ("--config", "--preset"):
+            value = inline or next(it, None)
+            if value is None:
+                raise ConfigError(f"{key} needs a value")
+            if key == "--config":
+                config_path = value
+            else:
+                preset = value
+        elif arg in ("-h", "--help"):
+            print(__doc__)
+            print("presets:", ", ".join(preset_names()))
+            sys.exit(0)
+        elif arg == "--help-fields":
+            print("fields:", ", ".join(field_names()))
+            sys.exit(0)
+        else:
+            rest.append(arg)
+    return build_config(preset=preset, yaml_path=config_path, cli=rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stbp.checkpoint import CheckpointError
+    from stbp.config import ConfigError
+    from stbp.data import DataNotFoundError
+    from stbp.tracking import TrackingError
+    from stbp.train import TrainingDiverged, train
+
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        train(cfg)
+    except (ConfigError, DataNotFoundError, TrackingError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
