@@ -93,6 +93,7 @@ class Tracker(NullTracker):
 
         self.uri = uri
         self.client = MlflowClient(uri)
+        self._pending: list = []
         self.pending_path = pending_path
         self.owns_run = run_id is None
         if run_id is None:
@@ -113,15 +114,26 @@ class Tracker(NullTracker):
             self.set_tags(tags)
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
 
-    def _safe(self, what: str, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as e:  # never let tracking kill a training run
-            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); kept in {self.pending_path}",
-                          stacklevel=3)
-            self.pending_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.pending_path, "a") as f:
-                f.write(json.dumps({"what": what, "args": [str(a) for a in args], "time": time.time()}) + "\n")
+    def _safe(self, what: str, fn, *args, record: dict | None = None, **kwargs) -> None:
+        """Call the store; on failure keep the call (replayed before the next one) and write it to disk."""
+        self._pending.append((what, fn, args, kwargs))
+        while self._pending:
+            name, f, a, kw = self._pending[0]
+            try:
+                f(*a, **kw)
+            except Exception as e:  # never let tracking kill a training run
+                warnings.warn(f"MLflow {name} failed ({type(e).__name__}: {e}); training goes on, the call is "
+                              f"retried later and recorded in {self.pending_path}", stacklevel=3)
+                self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.pending_path, "a") as fh:
+                    fh.write(json.dumps({"what": what, "time": time.time(), **(record or {})}) + "\n")
+                return
+            self._pending.pop(0)
+
+    @property
+    def pending(self) -> int:
+        """Calls that have not reached the store yet."""
+        return len(self._pending)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -141,7 +153,8 @@ class Tracker(NullTracker):
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(ms), 1000):
-            self._safe("log_metrics", self.client.log_batch, self.run_id, metrics=ms[i : i + 1000])
+            self._safe("log_metrics", self.client.log_batch, self.run_id, metrics=ms[i : i + 1000],
+                       record={"step": step, "metrics": {m.key: m.value for m in ms[i : i + 1000]}})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._safe("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -155,6 +168,9 @@ class Tracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         self._safe("set_terminated", self.client.set_terminated, self.run_id, status)
+        if self._pending:
+            print(f"[stbp] {len(self._pending)} MLflow call(s) could not be delivered; their data is in "
+                  f"{self.pending_path}")
 
 
 def make_tracker(enabled: bool, uri: str | None, experiment: str, *, run_id: str | None = None,
@@ -170,6 +186,9 @@ def make_tracker(enabled: bool, uri: str | None, experiment: str, *, run_id: str
         return NullTracker()
     uri = resolve_tracking_uri(uri)
     check_tracking_uri(uri)
+    # MLflow's HTTP client retries a dead server for minutes by default; a training run should not stall on it.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
         return Tracker(uri, experiment, run_id=run_id, run_name=run_name, tags=tags or {},
                        pending_path=pending_path)
