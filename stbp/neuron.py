@@ -81,55 +81,58 @@ class _LIFFunction(torch.autograd.Function):
         steps = x.shape[0]
         # The membrane is integrated in fp32 even under autocast; spikes are exact in any dtype.
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        out = torch.empty_like(x)
         spikes = torch.empty_like(x, dtype=torch.bool)
         window = torch.empty_like(x, dtype=torch.bool)
         membranes = []
-        u = torch.zeros_like(xf[0])
-        o = torch.zeros_like(xf[0])
         for t in range(steps):
-            # Same ops in the same order as lif_reference, so the forward is bit-identical.
-            u = tau * u * (1 - o) + xf[t]
+            if t == 0:
+                u = xf[0].clone() if steps > 1 else xf[0]  # u_0 = x_0; a copy only if backward must keep it
+            else:
+                # tau * u * (1 - o) + x, with the reset as a masked fill: bit-identical to lif_reference
+                # (o is 0 or 1) in three passes over memory instead of five.
+                u = u.masked_fill(spikes[t - 1], 0).mul_(tau).add_(xf[t])
             torch.gt(u, v_th, out=spikes[t])
-            o = spikes[t].to(xf.dtype)
-            out[t] = o
-            torch.lt((u - v_th).abs(), aa, out=window[t])
+            torch.lt((u - v_th).abs_(), aa, out=window[t])
             if t < steps - 1:
                 membranes.append(u)
         ctx.save_for_backward(spikes, window, *membranes)
         ctx.params = (aa, tau)
-        return out
+        return spikes.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         spikes, window, *membranes = ctx.saved_tensors
         aa, tau = ctx.params
-        g = grad_out.to(membranes[0].dtype if membranes else torch.promote_types(grad_out.dtype, torch.float32))
+        dtype = torch.promote_types(grad_out.dtype, torch.float32)
         grad_x = torch.empty_like(grad_out)
+        in_place = grad_x.dtype == dtype  # then each step's gradient is written straight into grad_x
         grad_u_next = None
-        for t in range(g.shape[0] - 1, -1, -1):
-            grad_o = g[t]
+        for t in range(grad_out.shape[0] - 1, -1, -1):
+            g = grad_out[t].to(dtype)
+            # Each term is computed in the order autograd computes it for lif_reference, so the gradients agree
+            # to the last bit, not just to rounding.
+            # dL/do_t = g_t - (tau * u_t) * dL/du_{t+1}
+            grad_o = g if grad_u_next is None else g - (membranes[t] * tau).mul_(grad_u_next)
+            # dL/du_t = s_t * dL/do_t + tau * (1 - o_t) * dL/du_{t+1}
+            grad_u = torch.mul(grad_o, window[t], out=grad_x[t] if in_place else None).mul_(0.5 / aa)
             if grad_u_next is not None:
-                grad_o = grad_o - tau * membranes[t] * grad_u_next
-            grad_u = grad_o * window[t] * (0.5 / aa)
-            if grad_u_next is not None:
-                grad_u = grad_u + tau * (~spikes[t]) * grad_u_next
-            grad_x[t] = grad_u
+                grad_u.add_(grad_u_next.masked_fill(spikes[t], 0).mul_(tau))
+            if not in_place:
+                grad_x[t] = grad_u
             grad_u_next = grad_u
         return grad_x, None, None, None
 
 
 def _lif_inference(x: Tensor, v_th: float, tau: float) -> Tensor:
-    """The forward of :class:`_LIFFunction` alone (same ops, same order), when no gradient is needed."""
+    """The forward of :class:`_LIFFunction` alone (same arithmetic), when no gradient is needed."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    out = torch.empty_like(x)
-    u = torch.zeros_like(xf[0])
-    o = torch.zeros_like(xf[0])
+    spikes = torch.empty_like(x, dtype=torch.bool)
+    u = xf[0]
     for t in range(x.shape[0]):
-        u = tau * u * (1 - o) + xf[t]
-        o = (u > v_th).to(xf.dtype)
-        out[t] = o
-    return out
+        if t > 0:
+            u = u.masked_fill(spikes[t - 1], 0).mul_(tau).add_(xf[t])
+        torch.gt(u, v_th, out=spikes[t])
+    return spikes.to(x.dtype)
 
 
 def lif_fused(x: Tensor, v_th: float, aa: float, tau: float) -> Tensor:
