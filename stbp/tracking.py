@@ -94,6 +94,7 @@ class Tracker(NullTracker):
         self.uri = uri
         self.client = MlflowClient(uri)
         self._pending: list = []
+        tags = {k: str(v) for k, v in tags.items() if not _is_secret(k)}
         self.pending_path = pending_path
         self.owns_run = run_id is None
         if run_id is None:
