@@ -396,7 +396,7 @@ class RunConfig(_Section):
     seed: int = 0
     """Random seed."""
     amp: str = "auto"
-    """Mixed precision: 'auto' (bf16 on capable CUDA), 'bf16' or 'off'."""
+    """Mixed precision: 'auto' (bf16 autocast on CUDA and on CPUs with native bf16), 'bf16' or 'off'."""
     compile: bool = False
     """torch.compile the model."""
     device: str = "auto"
@@ -436,7 +436,7 @@ class TrackingConfig(_Section):
     """MLflow experiment tracking."""
 
     tracking_uri: str | None = None
-    """MLflow tracking URI; None = MLflow's default ($MLFLOW_TRACKING_URI or ./mlruns)."""
+    """MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///<absolute cwd>/mlflow.db."""
     experiment: str = "stbp"
     """MLflow experiment name."""
     run_name: str | None = None
