@@ -19,7 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrackingError", "default_tracking_uri", "check_tracking_uri", "Tracker", "NullTracker", "make_tracker"]
+__all__ = [
+    "TrackingError", "default_tracking_uri", "resolve_tracking_uri", "check_tracking_uri", "Tracker", "NullTracker",
+    "make_tracker",
+]
 
 # Never log these as params or tags, wherever they come from.
 _SECRET_WORDS = ("token", "secret", "password", "key", "credential")

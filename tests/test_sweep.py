@@ -1,0 +1,493 @@
+"""Sweeps end to end: tune.py starts its own local Ray cluster, trains real MNIST trials and records them in a
+real MLflow server that the tests start; plus the pieces (MLflow record, report, checkpoints) on their own."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from stbp.config import build_config
+from stbp.sweep import (
+    TrialPlan,
+    _best_config,
+    _importances,
+    _restore_checkpoint,
+    _trial_config,
+    load_sweep,
+    sweep_yaml,
+)
+from stbp.sweep_mlflow import (
+    PARENT_TAG,
+    TRIAL_TAG,
+    SweepCallback,
+    TrialRow,
+    child_run,
+    collect_rows,
+    format_table,
+    open_sweep_record,
+    plot_landscape,
+)
+from tests._dist import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"v_th": 0.4, "aa": 0.5}  # the reference point: learns within an epoch at lr 0.01
+BAD = {"v_th": 3.0, "aa": 0.1}  # a threshold that silences the network: chance accuracy, stopped by ASHA
+BAD2 = {"v_th": 2.8, "aa": 0.1}
+
+
+def write_sweep(directory: Path, name: str, points, num_samples: int, resources: dict) -> Path:
+    """The shipped smoke sweep made deterministic: one trial at a time; a learning, then a silent point."""
+    data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    data["name"] = name
+    data["train"].update(lr=0.01, epochs=2)
+    data["space"]["v_th"]["high"] = 3.0
+    data["space"]["aa"]["low"] = 0.1
+    data["search"].update(num_samples=num_samples, max_concurrent=1, points_to_evaluate=points)
+    data["resources"] = resources
+    data["mlflow"] = {"experiment": f"stbp-{name}"}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def tune_env(data_dir: str) -> dict[str, str]:
+    # Token auth (Ray >= 2.59) is off, as in CI; PYTHONUNBUFFERED keeps the log in order.
+    return {**os.environ, "STBP_DATA_DIR": data_dir, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+
+
+def start_tune(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tune.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdout=open(log, "w"),  # noqa: SIM115 - a file, not a pipe: a long log cannot block the child
+        stderr=subprocess.STDOUT,
+    )
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[int, str]:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)  # let Ray shut down its cluster, then insist
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        pytest.fail(f"tune.py did not finish within {timeout}s; its output:\n{tail(log)}")
+    return rc, log.read_text()
+
+
+def tail(log: Path, chars: int = 6000) -> str:
+    return log.read_text()[-chars:] if log.exists() else "(no output)"
+
+
+def run_tune(args, cwd, env, log, timeout=400) -> tuple[int, str]:
+    return finish(start_tune(args, cwd, env, log), log, timeout)
+
+
+def children(client: MlflowClient, parent_id: str, exp_id: str):
+    return client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
+
+
+def the_parent(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name(f"stbp-{name}")
+    assert exp is not None, f"no MLflow experiment stbp-{name}"
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`stbp.role` = 'sweep'")
+    assert len(parents) == 1, f"expected one parent run, got {len(parents)}"
+    return exp.experiment_id, parents[0]
+
+
+def params_of(run) -> dict[str, float]:
+    return {k: float(run.data.params[k]) for k in ("v_th", "aa")}
+
+
+def epochs_logged(client, run, metric="val_acc") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real MLflow tracking server for the end-to-end sweeps
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # Its own process group: the server's workers are stopped with it, by its process id.
+    proc = subprocess.Popen(
+        cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )  # noqa: SIM115
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the MLflow server did not come up; its log:\n{tail(log)}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: a sweep interrupted by SIGINT after its first trials, then resumed
+# ----------------------------------------------------------------------------------------------------------
+
+
+def wait_for_closed_children(client, name, proc, log, count, timeout=300.0) -> None:
+    """Until ``count`` child runs of sweep ``name`` are closed (FINISHED or KILLED)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"tune.py exited ({proc.returncode}) before {count} trials ended:\n{tail(log)}")
+        exp = client.get_experiment_by_name(f"stbp-{name}")
+        if exp is not None:
+            runs = client.search_runs([exp.experiment_id], filter_string=f"tags.{TRIAL_TAG} != ''")
+            if sum(r.info.status in ("FINISHED", "KILLED") for r in runs) >= count:
+                return
+        time.sleep(1.0)
+    pytest.fail(f"{count} trials did not end within {timeout}s:\n{tail(log)}")
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(mlflow_server, tmp_path_factory, data_dir):
+    """3 trials (the good point, the silent point, one from TPE): SIGINT once the first two have ended,
+    then ``--resume``. Returns what the tests look at."""
+    work = tmp_path_factory.mktemp("sweep")
+    path = write_sweep(work, "e2e", [GOOD, BAD], 3, {"cpus": 2, "gpus": 0, "workers": 1})
+    args = ["--sweep", str(path), "--tracking_uri", mlflow_server, "--timesteps", "1"]
+    env, client = tune_env(data_dir), MlflowClient(mlflow_server)
+
+    first_log = work / "first.log"
+    proc = start_tune(args, work, env, first_log)
+    wait_for_closed_children(client, "e2e", proc, first_log, count=2)
+    proc.send_signal(signal.SIGINT)
+    first_rc, first_out = finish(proc, first_log, timeout=180)
+    exp_id, parent = the_parent(client, "e2e")
+    interrupted = {r.info.run_id: r for r in children(client, parent.info.run_id, exp_id)}
+    parent_status_after_interrupt = client.get_run(parent.info.run_id).info.status
+
+    second_rc, second_out = run_tune([*args, "--resume"], work, env, work / "second.log")
+    return types.SimpleNamespace(
+        client=client, work=work, exp_id=exp_id, parent_id=parent.info.run_id,
+        first=(first_rc, first_out), second=(second_rc, second_out),
+        interrupted=interrupted, parent_status_after_interrupt=parent_status_after_interrupt,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigint_stops_the_sweep_and_resume_completes_it(resumed_sweep):
+    rc, out = resumed_sweep.first
+    assert rc == 130, f"the interrupted driver should exit 130:\n{out[-6000:]}"
+    assert "--resume" in out
+    assert resumed_sweep.parent_status_after_interrupt == "KILLED"
+    rc, out = resumed_sweep.second
+    assert rc == 0, f"the resumed sweep failed:\n{out[-6000:]}"
+
+
+@pytest.mark.slow
+def test_resume_reruns_no_finished_trial_and_duplicates_no_run(resumed_sweep):
+    s = resumed_sweep
+    runs = children(s.client, s.parent_id, s.exp_id)
+    assert len(runs) == 3, [r.data.tags.get(TRIAL_TAG) for r in runs]  # exactly num_samples children
+    assert len({r.data.tags[TRIAL_TAG] for r in runs}) == 3
+    _, parent = the_parent(s.client, "e2e")  # still one parent
+    assert parent.info.run_id == s.parent_id
+    _, resumed_out = s.second
+    for run_id, before in s.interrupted.items():
+        if before.info.status == "FINISHED":
+            assert f"stbp_trial_{before.data.tags[TRIAL_TAG]} started" not in resumed_out
+            after = s.client.get_run(run_id)
+            assert after.info.status == "FINISHED"
+            assert epochs_logged(s.client, after) == [1, 2]  # trained once, not again
+
+
+@pytest.mark.slow
+def test_each_trial_is_a_nested_child_with_params_epoch_metrics_and_checkpoints(resumed_sweep):
+    s = resumed_sweep
+    for run in children(s.client, s.parent_id, s.exp_id):
+        assert run.data.tags[PARENT_TAG] == s.parent_id
+        params = run.data.params
+        assert {"v_th", "aa", "width", "epochs", "lr", "timesteps"} <= set(params)  # the whole config
+        assert params["width"] == "0.0625" and params["timesteps"] == "1" and params["lr"] == "0.01"
+        steps = epochs_logged(s.client, run)
+        assert steps == list(range(1, len(steps) + 1)) and steps, f"per-epoch val_acc steps: {steps}"
+        assert epochs_logged(s.client, run, "train_loss") == steps
+        ckpts = {a.path for a in s.client.list_artifacts(run.info.run_id, "checkpoints")}
+        assert {"checkpoints/last.pt", "checkpoints/best.pt"} <= ckpts
+        assert run.info.status in ("FINISHED", "KILLED"), run.info.status
+
+
+@pytest.mark.slow
+def test_finished_and_early_stopped_trials_are_closed_with_their_status(resumed_sweep):
+    s = resumed_sweep
+    by_point = {tuple(params_of(r).values()): r for r in children(s.client, s.parent_id, s.exp_id)}
+    good, bad = by_point[tuple(GOOD.values())], by_point[tuple(BAD.values())]
+    assert good.info.status == "FINISHED" and "test_acc" in good.data.metrics
+    assert good.data.tags.get("stopped_early") is None
+    assert bad.info.status == "KILLED" and bad.data.tags.get("stopped_early") == "true"
+    assert epochs_logged(s.client, bad) == [1]  # ASHA stopped it at its first rung
+    assert "test_acc" not in bad.data.metrics
+
+
+@pytest.mark.slow
+def test_parent_records_the_best_trial_and_the_report(resumed_sweep, tmp_path):
+    s = resumed_sweep
+    parent = s.client.get_run(s.parent_id)
+    runs = children(s.client, s.parent_id, s.exp_id)
+    best = max(
+        runs, key=lambda r: max(m.value for m in s.client.get_metric_history(r.info.run_id, "val_acc"))
+    )
+    best_value = max(m.value for m in s.client.get_metric_history(best.info.run_id, "val_acc"))
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(best_value)
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert float(parent.data.params["best.v_th"]) == pytest.approx(float(best.data.params["v_th"]))
+    assert {k: parent.data.tags[k] for k in ("searcher", "sampler", "scheduler")} == {
+        "searcher": "optuna", "sampler": "tpe", "scheduler": "asha"}  # fmt: skip
+    assert {a.path for a in s.client.list_artifacts(s.parent_id, "sweep")} == {
+        "sweep/e2e.yaml",
+        "sweep/sweep.yaml",
+    }
+    report = {a.path for a in s.client.list_artifacts(s.parent_id, "report")}
+    assert {"report/trials.csv", "report/landscape.png", "report/best_config.yaml"} <= report
+    local = Path(s.client.download_artifacts(s.parent_id, "report", str(tmp_path)))
+    assert len((local / "trials.csv").read_text().strip().splitlines()) == 1 + 3
+    assert (local / "landscape.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = build_config(yaml_path=local / "best_config.yaml")  # what `train_ddp.py --config` reads
+    assert cfg.model.v_th == pytest.approx(float(best.data.params["v_th"]))
+    assert cfg.model.width == 0.0625 and cfg.model.timesteps == 1 and cfg.run.epochs == 2
+    assert cfg.tracking.run_id is None and cfg.run.output_dir == "runs/e2e-best"
+
+
+@pytest.mark.slow
+def test_terminal_shows_the_ranked_trials_and_the_mlflow_link(resumed_sweep):
+    _, out = resumed_sweep.second
+    assert "rank  trial" in out and "best val_acc" in out and "stopped early" in out and "finished" in out
+    assert f"/#/experiments/{resumed_sweep.exp_id}/runs" in out
+    assert "train_ddp.py --config" in out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDP trials: two Ray Train workers per trial; a stopped trial frees them for the next one
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_ray_default_is_a_dependency_so_stopped_ddp_trials_free_their_workers():
+    # Ray Train V2 frees a stopped trial's workers through the state API, which ray[tune] alone lacks.
+    deps = " ".join(
+        __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    )
+    assert "ray[default" in deps.replace(" ", "")
+    assert importlib.util.find_spec("aiohttp") is not None  # the dashboard that serves the state API
+
+
+@pytest.mark.slow
+def test_ddp_trials_train_on_two_ranks_and_a_stopped_one_frees_its_workers(mlflow_server, tmp_path, data_dir):
+    # The machine fits one 2-worker trial: the third trial can only start once the stopped second one's
+    # workers are freed.
+    path = write_sweep(tmp_path, "ddp", [GOOD, BAD, BAD2], 3, {"cpus": 1, "gpus": 0, "workers": 2})
+    args = ["--sweep", str(path), "--tracking_uri", mlflow_server, "--timesteps", "1"]
+    # A stray cluster address in the environment must neither be joined nor mislead Ray Train's cleanup.
+    env = {**tune_env(data_dir), "RAY_ADDRESS": "127.0.0.1:9"}
+    rc, out = run_tune(args, tmp_path, env, tmp_path / "ddp.log", timeout=420)
+    assert rc == 0, out[-6000:]
+    client = MlflowClient(mlflow_server)
+    exp_id, parent = the_parent(client, "ddp")
+    runs = {tuple(params_of(r).values()): r for r in children(client, parent.info.run_id, exp_id)}
+    assert len(runs) == 3
+    good = runs[tuple(GOOD.values())]
+    assert good.info.status == "FINISHED"
+    for run in runs.values():
+        assert run.data.tags["world_size"] == "2"  # logged by train() on rank 0 of the process group
+        assert epochs_logged(client, run)
+    summary = Path(client.download_artifacts(good.info.run_id, "summary.json", str(tmp_path)))
+    assert yaml.safe_load(summary.read_text())["world_size"] == 2
+    for point in (BAD, BAD2):
+        run = runs[tuple(point.values())]
+        assert run.info.status == "KILLED" and run.data.tags.get("stopped_early") == "true"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pieces, without Ray
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    return load_sweep(ROOT / "sweeps" / "smoke.yaml")
+
+
+@pytest.fixture
+def record(tmp_path, sweep):
+    resolved = tmp_path / "sweep.yaml"
+    resolved.write_text(sweep_yaml(sweep))
+    return open_sweep_record(
+        sweep, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ray" / "smoke", resolved
+    )
+
+
+def fake_trial(trial_id, status="TERMINATED", config=None, error=None):
+    return types.SimpleNamespace(
+        trial_id=trial_id, status=status, config=config or {}, get_error=lambda: error
+    )
+
+
+def test_the_parent_run_is_found_again_not_duplicated(tmp_path, sweep, record):
+    again = open_sweep_record(sweep, record.tracking_uri, tmp_path / "ray" / "smoke", tmp_path / "sweep.yaml")
+    assert again == record
+    client = record.client()
+    assert len(client.search_runs([record.experiment_id])) == 1
+    assert client.get_run(record.parent_run_id).info.status == "RUNNING"
+
+
+def test_a_trials_child_run_is_found_again_by_its_ray_trial_id(record):
+    first = child_run(record, "abc", "trial_abc", {"v_th": 0.4, "aa": 0.5})
+    again = child_run(record, "abc", "trial_abc", {"v_th": 0.4, "aa": 0.5})
+    other = child_run(record, "def", "trial_def", {"v_th": 0.6, "aa": 0.5})
+    assert first == again != other
+    run = record.client().get_run(first)
+    assert run.data.tags[PARENT_TAG] == record.parent_run_id and run.data.tags[TRIAL_TAG] == "abc"
+    assert run.data.params == {"v_th": "0.4", "aa": "0.5"}
+
+
+def test_callback_closes_stopped_failed_and_interrupted_trials_but_not_finished_ones(record):
+    client, cb = record.client(), SweepCallback(record)
+    finished = child_run(record, "fin", "t", {})
+    client.set_terminated(finished, "FINISHED")  # what train() does on success
+    stopped = child_run(record, "stop", "t", {})
+    interrupted = child_run(record, "int", "t", {})
+    cb.on_trial_complete(0, [], fake_trial("fin"))
+    cb.on_trial_complete(0, [], fake_trial("stop"))
+    cb.on_trial_error(
+        0, [], fake_trial("err", "ERROR", {"v_th": 0.3}, error="Traceback...\nTrainingDiverged: NaN")
+    )
+    cb.on_experiment_end([fake_trial("int", "RUNNING")])
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert "stopped_early" not in client.get_run(finished).data.tags
+    run = client.get_run(stopped)
+    assert run.info.status == "KILLED" and run.data.tags["stopped_early"] == "true"
+    run = client.get_run(interrupted)
+    assert run.info.status == "KILLED" and "stopped_early" not in run.data.tags
+    failed = [r for r in client.search_runs([record.experiment_id]) if r.data.tags.get(TRIAL_TAG) == "err"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"  # created: it failed before training
+    assert failed[0].data.tags["error"].endswith("TrainingDiverged: NaN")
+    assert failed[0].data.params["v_th"] == "0.3"
+    # A resumed, formerly failed trial loses its stale error.
+    child_run(record, "err", "t", {})
+    assert "error" not in client.get_run(failed[0].info.run_id).data.tags
+
+
+def test_rows_rank_trials_by_their_best_metric_over_epochs(record, sweep):
+    client = record.client()
+    for trial_id, values in (("a", [10.0, 30.0, 20.0]), ("b", [25.0]), ("c", [])):
+        run_id = child_run(record, trial_id, trial_id, {"v_th": 0.5, "aa": 0.5})
+        for step, v in enumerate(values, 1):
+            client.log_metric(run_id, "val_acc", v, step=step)
+    rows = collect_rows(record, sweep)
+    assert [(r.trial_id, r.value, r.epochs) for r in rows] == [("a", 30.0, 3), ("b", 25.0, 1), ("c", None, 0)]
+    assert rows[0].params == {"v_th": 0.5, "aa": 0.5}
+    table = format_table(rows, sweep)
+    assert table.splitlines()[0].split() == [
+        "rank",
+        "trial",
+        "v_th",
+        "aa",
+        "best",
+        "val_acc",
+        "epochs",
+        "status",
+    ]
+    assert table.splitlines()[2].split()[:5] == ["1", "a", "0.5", "0.5", "30"]
+
+
+def rows_for(n: int) -> list[TrialRow]:
+    rows = [
+        TrialRow(str(i), f"r{i}", {"v_th": 0.2 + 0.05 * i, "aa": 0.3 + 0.02 * i}, "FINISHED", 10.0 + i, 2)
+        for i in range(n)
+    ]
+    return sorted(rows, key=lambda r: -r.value)
+
+
+def test_landscape_plot_and_importances(tmp_path, sweep):
+    rows = rows_for(6) + [TrialRow("x", "rx", {"v_th": 0.5, "aa": 0.5}, "FAILED", None, 0)]
+    assert plot_landscape(rows, sweep, tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
+    importances = _importances(rows, sweep)
+    assert set(importances) == {"v_th", "aa"} and sum(importances.values()) == pytest.approx(1.0)
+    assert _importances(rows_for(3), sweep) is None  # too few trials to say
+
+
+def test_best_config_is_ready_for_train_ddp(tmp_path, sweep, record):
+    from stbp.config import save_yaml
+
+    row = rows_for(1)[0]
+    save_yaml(_best_config(sweep, row, record), tmp_path / "best.yaml")
+    cfg = build_config(yaml_path=tmp_path / "best.yaml")
+    assert (cfg.model.v_th, cfg.model.aa) == (row.params["v_th"], row.params["aa"])
+    assert cfg.run.epochs == sweep.train.run.epochs and cfg.model.width == sweep.train.model.width
+    assert cfg.tracking.tracking_uri == record.tracking_uri and cfg.tracking.run_id is None
+
+
+def test_a_trials_config_points_its_outputs_and_run_at_the_trial(tmp_path, sweep, record):
+    from stbp.config import config_to_dict
+    from stbp.sweep import Resources
+
+    plan = TrialPlan(config_to_dict(sweep.train), str(tmp_path), record, Resources(), 1, "/data/mnist")
+    cfg = _trial_config(plan, {"v_th": 0.7, "aa": 0.9}, tmp_path / "trial_x", "RUNID", "trial_x")
+    assert (cfg.model.v_th, cfg.model.aa) == (0.7, 0.9)
+    assert cfg.run.output_dir == str(tmp_path / "trial_x" / "train") and cfg.run.resume == "auto"
+    assert cfg.tracking.run_id == "RUNID" and cfg.tracking.tracking_uri == record.tracking_uri
+    assert cfg.data.data_dir == "/data/mnist" and cfg.tracking.mlflow is True
+
+
+def test_a_restored_ray_checkpoint_replaces_the_trials_last_checkpoint(tmp_path, sweep):
+    from ray.tune import Checkpoint
+
+    source = tmp_path / "ray_ckpt"
+    source.mkdir()
+    torch.save({"epoch": 3}, source / "last.pt")
+    torch.save({"epoch": 2}, source / "best.pt")
+    out = tmp_path / "train" / "checkpoints"
+    out.mkdir(parents=True)
+    torch.save({"epoch": 4}, out / "last.pt")  # written after the checkpoint Ray knows of
+    torch.save({"epoch": 4}, out / "last.prev.pt")
+    cfg = build_config("tiny", overrides={"output_dir": str(tmp_path / "train")})
+    _restore_checkpoint(Checkpoint.from_directory(str(source)), cfg)
+    assert torch.load(out / "last.pt")["epoch"] == 3 and torch.load(out / "best.pt")["epoch"] == 2
+    assert not (out / "last.prev.pt").exists()
+    _restore_checkpoint(None, cfg)  # a first attempt: nothing to restore
+    assert torch.load(out / "last.pt")["epoch"] == 3
