@@ -11,6 +11,7 @@ ARGS ?=
 help:
 	@echo "make train   train ResNet-19 on MNIST (GPUs: 'seed' preset under torchrun on all of them; else 'cpu')"
 	@echo "make sweep   Ray Tune + Optuna sweep of v_th/aa (GPUs: sweeps/vth_aa.yaml; else sweeps/smoke.yaml)"
+	@echo "             ARGS=--resume continues an interrupted sweep; ARGS='--storage DIR' starts another one"
 	@echo "make ui      MLflow UI on the local store (mlflow.db)"
 	@echo "make test    the test suite;  make lint   ruff;  make bench   CPU benchmarks"
 
