@@ -12,6 +12,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_HANDED_OUT: set[int] = set()  # never hand the same port out twice in one test process
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports below Linux's ephemeral range (32768+), so that no port the OS or a server hands
+    out on its own (Ray picks some of its ports itself) can land on one of them between choice and use."""
+    import random
+
+    rng = random.Random()
+    chosen, held = [], []
+    try:
+        while len(chosen) < n:
+            port = rng.randrange(20000, 32000)
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                chosen.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return chosen
+
+
 def _entry(rank, world, port, fn, args):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests._dist import free_port
+from tests._dist import free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -280,16 +280,17 @@ def cluster_state(dashboard: str, env: dict) -> dict | None:
 def ray_node(head_port: int, temp_dir: str, resources: dict, log: Path, env: dict, dashboard_port=None):
     """`ray start --block` (we hold its pid) with 1 CPU, a custom resource naming it and its own temp dir;
     every port explicit, as other Ray clusters may run on this machine."""
+    ports = free_ports(7)
     cmd = [
         BIN / "ray", "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
         f"--resources={json.dumps(resources)}", f"--temp-dir={temp_dir}", "--object-store-memory=100000000",
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}", "--disable-usage-stats",
+        f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
+        f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+        f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}", "--disable-usage-stats",
     ]
     if dashboard_port:  # the head
         cmd += ["--head", f"--port={head_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}"]
+                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={ports[6]}"]
     else:
         cmd += [f"--address=127.0.0.1:{head_port}"]
     return start(cmd, log, env=env)
@@ -307,7 +308,7 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "STBP_DATA_DIR": data_dir,
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port, mlflow_port = free_port(), free_port(), free_port()
+    gcs_port, dash_port, mlflow_port = free_ports(3)
     dashboard = f"http://127.0.0.1:{dash_port}"
     shared = tmp_path / "shared"  # stands for /mnt/shared
     logs = [tmp_path / n for n in ("head.log", "worker.log", "mlflow.log", "tune.log")]

@@ -55,10 +55,12 @@ def _wait_for(predicate, timeout, what, proc=None):
 
 @pytest.mark.slow
 def test_rank_killed_mid_epoch_restarts_and_resumes_into_the_same_mlflow_run(tmp_path, data_dir):
+    # --max-restarts=3, not 1: on a loaded 2-core machine the restarted gloo mesh has been seen to time out
+    # once (connection refused) before connecting; the behaviour under test is the resume, not the retry count.
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = {**os.environ, "STBP_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=3",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "train_ddp.py"),
         "--preset", "tiny", "--epochs", "3", "--train_size", "4096", "--batch_size", "64", "--patience", "0",
         "--output_dir", str(out), "--tracking_uri", f"sqlite:///{db}", "--experiment", "faults",
