@@ -319,11 +319,12 @@ def _category(ev) -> str:
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
-    """A GitHub-markdown table of ``rows`` (dicts) in ``columns`` order; floats to 3 significant digits."""
+    """A GitHub-markdown table of ``rows`` (dicts) in ``columns`` order; floats to 3 significant digits (whole
+    numbers from 100 up)."""
 
     def cell(v) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+__all__ = ["ReferenceResNet19", "reference_resnet19", "SpikeAct", "LIFSpike", "TdBatchNorm", "per_step"]
+
 RESIDUAL_ALPHA = 1 / math.sqrt(2)
 
 
@@ -158,6 +160,3 @@ class ReferenceResNet19(nn.Module):
 
 def reference_resnet19(**kwargs) -> ReferenceResNet19:
     return ReferenceResNet19(**kwargs)
-
-
-__all__ = ["ReferenceResNet19", "reference_resnet19", "SpikeAct", "LIFSpike", "TdBatchNorm", "per_step"]

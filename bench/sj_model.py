@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+__all__ = ["SJResNet19", "sj_resnet19", "load_from_stbp", "available", "import_spikingjelly", "INSTALL_HINT"]
+
 # loguru is the one of SpikingJelly's dependencies that it needs at import time and the venv lacks.
 INSTALL_HINT = ".venv/bin/pip install --no-deps spikingjelly==2.0.0 'loguru>=0.7,<1'"
 RESIDUAL_ALPHA = 1 / math.sqrt(2)
@@ -138,6 +140,3 @@ def load_from_stbp(sj: SJResNet19, ours: nn.Module) -> SJResNet19:
     state = {k: v * scales[k] if k in scales else v for k, v in ours.state_dict().items()}
     sj.load_state_dict(state)
     return sj
-
-
-__all__ = ["SJResNet19", "sj_resnet19", "load_from_stbp", "available", "import_spikingjelly", "INSTALL_HINT"]
