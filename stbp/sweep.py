@@ -47,6 +47,7 @@ from .sweep_mlflow import (
     TrialRow,
     child_run,
     collect_rows,
+    fail_child,
     format_table,
     mark_parent,
     open_sweep_record,
@@ -578,6 +579,7 @@ class TrialPlan:
     resources: Resources
     keep_checkpoints: int
     data_dir: str
+    metric: str = "val_acc"  # what Tune's scheduler and searcher read from every trial's results
 
 
 def _trial_config(plan: TrialPlan, params: dict, trial_dir: Path, run_id: str, run_name: str) -> Config:
@@ -605,13 +607,22 @@ def stbp_trial(params: dict, plan: TrialPlan) -> None:
     trial_dir = Path(plan.sweep_dir) / Path(ctx.get_trial_dir()).name
     run_id = child_run(plan.record, ctx.get_trial_id(), ctx.get_trial_name(), params)
     cfg = _trial_config(plan, params, trial_dir, run_id, ctx.get_trial_name())
-    if plan.resources.workers == 1:
-        from .train import train
+    from .train import TrainingDiverged, train
 
-        _restore_checkpoint(tune.get_checkpoint(), cfg)
-        train(cfg, callback=_report_to_tune)
-    else:
-        _fit_ddp(plan, cfg, trial_dir)
+    try:
+        if plan.resources.workers == 1:
+            _restore_checkpoint(tune.get_checkpoint(), cfg)
+            train(cfg, callback=_report_to_tune)
+        else:
+            _fit_ddp(plan, cfg, trial_dir)
+    except TrainingDiverged as exc:
+        # Deterministic: a retry from the last checkpoint (failures.max_failures) would diverge again. The
+        # trial ends here, its run FAILED with the reason, and the sweep goes on.
+        fail_child(plan.record, run_id, f"TrainingDiverged: {exc}")
+        print(f"[sweep] trial {ctx.get_trial_name()} diverged, not retried: {exc}", flush=True)
+        # Tune needs the metric in a trial's last result (even one that diverged before its first report); NaN
+        # makes Optuna record the trial as failed rather than as a value to learn from.
+        tune.report({plan.metric: float("nan"), "epoch": exc.epoch})
 
 
 def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -702,7 +713,24 @@ def _fit_ddp(plan: TrialPlan, cfg: Config, trial_dir: Path) -> None:
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        diverged = _diverged_rank(exc)
+        if diverged is not None:
+            raise diverged from None  # every rank diverged together: the trial handles it as one
+        raise
+
+
+def _diverged_rank(exc) -> Exception | None:
+    """The TrainingDiverged raised by a rank of a failed Ray Train run, if that is why it failed."""
+    from .train import TrainingDiverged
+
+    for failure in exc.worker_failures.values():
+        base = getattr(failure, "_base_exc", failure)  # Ray wraps a worker's exception with its traceback
+        if isinstance(base, TrainingDiverged):
+            return base
+    return None
 
 
 def _trial_resources(res: Resources) -> dict[str, float]:
@@ -993,6 +1021,7 @@ def run_sweep(
         resources=sweep.resources,
         keep_checkpoints=sweep.checkpoints.num_to_keep,
         data_dir=str(resolve_data_dir(sweep.train.data.data_dir)),
+        metric=sweep.metric,
     )
     try:
         _start_ray(address)

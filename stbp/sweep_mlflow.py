@@ -33,6 +33,7 @@ __all__ = [
     "TrialRow",
     "open_sweep_record",
     "child_run",
+    "fail_child",
     "collect_rows",
     "write_report",
     "format_table",
@@ -195,6 +196,13 @@ def _close(record: SweepRecord, trial, status: str, tags: dict[str, str], create
     client.set_terminated(run_id, status)
 
 
+def fail_child(record: SweepRecord, run_id: str, error: str) -> None:
+    """Close a trial's child run as FAILED with the reason (a trial that ends itself, e.g. on divergence)."""
+    client = record.client()
+    client.set_tag(run_id, "error", error.strip()[-_ERROR_TAG_LIMIT:])
+    client.set_terminated(run_id, "FAILED")
+
+
 class SweepCallback(tune.Callback):
     """Driver side: closes the child runs that trials cannot close themselves.
 
@@ -265,7 +273,8 @@ def _cast(param, text: str | None) -> Any:
 
 
 def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
-    """Every child run of the sweep, ranked best first (trials without a value last)."""
+    """Every child run of the sweep, ranked best first (failed trials after the others, those without a value
+    last)."""
     client = record.client()
     rows = []
     for run in _children(client, record):
@@ -284,7 +293,10 @@ def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
             )
         )
     sign = -1.0 if sweep.mode == "max" else 1.0
-    return sorted(rows, key=lambda r: (r.value is None, sign * (r.value or 0.0), r.trial_id))
+    # A failed trial (e.g. diverged after a good epoch) never ranks above one that trained to its end.
+    return sorted(
+        rows, key=lambda r: (r.value is None, r.status == "FAILED", sign * (r.value or 0.0), r.trial_id)
+    )
 
 
 def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path:

@@ -36,7 +36,14 @@ Callback = Callable[[int, dict[str, float], "str | None"], None]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite at ``epoch`` (1-based), ``step`` (1-based, within the epoch), ``lr``."""
+
+    def __init__(self, message: str, epoch: int = 0, step: int = 0, lr: float = float("nan")):
+        super().__init__(message)
+        self.epoch, self.step, self.lr = epoch, step, lr
+
+    def __reduce__(self):  # picklable with its fields: Ray sends it from a DDP rank to the trial
+        return (type(self), (str(self), self.epoch, self.step, self.lr))
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -252,7 +259,10 @@ class _Trainer:
         if step >= 0:
             raise TrainingDiverged(
                 f"loss became NaN/Inf at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); "
-                "lower --lr, set --grad_clip, or check v_th/aa"
+                "lower --lr, set --grad_clip, or check v_th/aa",
+                epoch=epoch + 1,
+                step=step + 1,
+                lr=lr,
             )
 
     def _progress(self, epoch: int):

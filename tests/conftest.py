@@ -9,7 +9,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def data_dir() -> str:
-    path = os.environ.get("STBP_DATA_DIR") or str(SHARED_DATA)
+    # Absolute: the end-to-end tests run tune.py and torchrun in other working directories.
+    path = str(Path(os.environ.get("STBP_DATA_DIR") or SHARED_DATA).resolve())
     if not (Path(path) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
         pytest.fail(f"real MNIST not found under {path}; set STBP_DATA_DIR")
     return path

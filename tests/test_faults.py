@@ -6,51 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests._dist import free_port
+from tests._procs import cmdline, descendants, start_mlflow_server, stop_group, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Process ids below ``pid`` (Linux /proc; no psutil needed)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent]
-        found += kids
-        frontier += kids
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _wait_for(predicate, timeout, what, proc=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended while waiting for {what}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
@@ -74,11 +37,11 @@ def test_rank_killed_mid_epoch_restarts_and_resumes_into_the_same_mlflow_run(tmp
                             text=True, start_new_session=True)
     try:
         last = out / "checkpoints" / "last.pt"
-        _wait_for(last.exists, 300, "the first checkpoint", proc)
+        wait_for(last.exists, 300, "the first checkpoint", proc)
         time.sleep(1.0)  # into epoch 2
-        workers = [p for p in _descendants(proc.pid) if "train_ddp.py" in _cmdline(p)]
-        workers = [p for p in workers if "torch.distributed.run" not in _cmdline(p)]
-        assert len(workers) == 2, [_cmdline(p) for p in workers]
+        workers = [p for p in descendants(proc.pid) if "train_ddp.py" in cmdline(p)]
+        workers = [p for p in workers if "torch.distributed.run" not in cmdline(p)]
+        assert len(workers) == 2, [cmdline(p) for p in workers]
         os.kill(workers[-1], signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)
     finally:
@@ -100,32 +63,7 @@ def test_rank_killed_mid_epoch_restarts_and_resumes_into_the_same_mlflow_run(tmp
 
 
 def _start_mlflow(tmp_path, port):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-
-    def healthy():
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    _wait_for(healthy, 120, "the MLflow server", proc)
-    return proc
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    return start_mlflow_server(tmp_path / "mlflow-server", port)
 
 
 @pytest.mark.slow
@@ -142,7 +80,7 @@ def test_tracking_server_lost_mid_run_loses_no_metrics(tmp_path, data_dir, monke
 
     def chaos(epoch, metrics, checkpoint_dir):
         if epoch == 1:  # the server dies: epoch 2's records cannot be delivered
-            _stop(server["proc"])
+            stop_group(server["proc"])
         if epoch == 2:  # and comes back: what was kept is delivered before epoch 3's records
             server["proc"] = _start_mlflow(tmp_path, port)
 
@@ -156,7 +94,7 @@ def test_tracking_server_lost_mid_run_loses_no_metrics(tmp_path, data_dir, monke
         run = client.get_run(summary["mlflow_run_id"])
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
     finally:
-        _stop(server["proc"])
+        stop_group(server["proc"])
     assert summary["epochs_run"] == 3
     assert steps == [1, 2, 3]
     assert run.info.status == "FINISHED"

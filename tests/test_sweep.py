@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import types
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,11 +34,13 @@ from stbp.sweep_mlflow import (
     TrialRow,
     child_run,
     collect_rows,
+    fail_child,
     format_table,
     open_sweep_record,
     plot_landscape,
 )
 from tests._dist import free_port
+from tests._procs import cmdline, descendants, group_alive, start_mlflow_server, stop_group, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"v_th": 0.4, "aa": 0.5}  # the reference point: learns within an epoch at lr 0.01
@@ -126,41 +127,12 @@ def epochs_logged(client, run, metric="val_acc") -> list[int]:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = root / "server.log"
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")), "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    # Its own process group: the server's workers are stopped with it, by its process id.
-    proc = subprocess.Popen(
-        cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )  # noqa: SIM115
-    uri = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the MLflow server did not come up; its log:\n{tail(log)}")
-            time.sleep(0.5)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,6 +275,115 @@ def test_terminal_shows_the_ranked_trials_and_the_mlflow_link(resumed_sweep):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Faults: a trial killed mid-epoch, a diverging trial, and a driver SIGKILLed mid-sweep, then resumed
+# ----------------------------------------------------------------------------------------------------------
+
+KILLED = {"v_th": 0.4, "aa": 0.5, "lr": 0.01}  # its process is SIGKILLed in epoch 2: retried from epoch 1
+DIVERGES = {"v_th": 0.4, "aa": 0.5, "lr": 1e36}  # weights overflow: NaN at step 2; FAILED, not retried
+CUT = {"v_th": 0.5, "aa": 0.6, "lr": 0.01}  # running when the driver is SIGKILLed: resumed by --resume
+
+
+def write_fault_sweep(directory: Path) -> Path:
+    data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    data.update(name="faults", scheduler={"type": "none"}, failures={"max_failures": 1})
+    data["train"].update(epochs=3, lr=0.01, train_size=3072)  # epochs of a few seconds: time to hit one
+    data["space"]["lr"] = {"type": "loguniform", "low": 1e-3, "high": 1e36}
+    data["search"].update(num_samples=3, max_concurrent=1, points_to_evaluate=[KILLED, DIVERGES, CUT])
+    data["resources"] = {"cpus": 2, "gpus": 0, "workers": 1}
+    data["mlflow"] = {"experiment": "stbp-faults"}
+    path = directory / "faults.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def child_at(client, exp_id, point):
+    for run in client.search_runs([exp_id], filter_string=f"tags.{TRIAL_TAG} != ''"):
+        if all(float(run.data.params.get(k, "nan")) == pytest.approx(v) for k, v in point.items()):
+            return run
+    return None
+
+
+def ray_checkpoint(work: Path, run) -> Path:
+    """The first checkpoint Tune persisted for the trial of ``run`` (its epoch 1)."""
+    return work / "ray_results" / "faults" / f"trial_{run.data.tags[TRIAL_TAG]}" / "checkpoint_000000"
+
+
+@pytest.fixture(scope="module")
+def faulted_sweep(mlflow_server, tmp_path_factory, data_dir):
+    work = tmp_path_factory.mktemp("faults")
+    args = ["--sweep", str(write_fault_sweep(work)), "--tracking_uri", mlflow_server, "--timesteps", "1"]
+    env, client = tune_env(data_dir), MlflowClient(mlflow_server)
+    first_log = work / "first.log"
+    # Its own process group: whatever the SIGKILLed driver leaves behind can be found and reaped.
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tune.py"), *args], cwd=work, env=env,
+        stdout=open(first_log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip  # noqa: SIM115
+    try:
+        exp = lambda: client.get_experiment_by_name("stbp-faults")  # noqa: E731
+        found = lambda point: exp() and child_at(client, exp().experiment_id, point)  # noqa: E731
+        # 1. The first trial's process, SIGKILLed once Tune holds its epoch-1 checkpoint (into epoch 2).
+        wait_for(lambda: found(KILLED) and ray_checkpoint(work, found(KILLED)).is_dir(), 300, "epoch 1", proc)
+        time.sleep(1.0)
+        trials = [p for p in descendants(proc.pid) if "ImplicitFunc" in cmdline(p)]
+        assert len(trials) == 1, [cmdline(p) for p in descendants(proc.pid)]
+        os.kill(trials[0], signal.SIGKILL)
+        # 2. The driver, SIGKILLed while the third trial runs (after its first checkpoint).
+        wait_for(lambda: found(CUT) and ray_checkpoint(work, found(CUT)).is_dir(), 400, "the third trial", proc)
+        cut_before = found(CUT)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        # Ray's processes share the driver's fate: none is left running on its own.
+        wait_for(lambda: not group_alive(proc.pid), 90, "the driver's Ray processes to exit")
+    finally:
+        if group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    exp_id, parent = the_parent(client, "faults")
+    parent_status_after_kill = parent.info.status
+    second_rc, second_out = run_tune([*args, "--resume"], work, env, work / "second.log", timeout=500)
+    return types.SimpleNamespace(
+        client=client, exp_id=exp_id, parent_id=parent.info.run_id, parent_status_after_kill=parent_status_after_kill,
+        cut_before=cut_before, first=first_log.read_text(), second=(second_rc, second_out),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_trial_is_retried_from_its_checkpoint_into_the_same_run(faulted_sweep):
+    s = faulted_sweep
+    run = child_at(s.client, s.exp_id, KILLED)
+    assert run.info.status == "FINISHED"
+    assert epochs_logged(s.client, run) == [1, 2, 3]  # epoch 1 not trained (or logged) twice
+    assert "resumed from epoch 1" in s.first
+
+
+@pytest.mark.slow
+def test_a_diverged_trial_is_failed_with_its_reason_once_and_the_sweep_goes_on(faulted_sweep):
+    s = faulted_sweep
+    run = child_at(s.client, s.exp_id, DIVERGES)
+    assert run.info.status == "FAILED"
+    assert "NaN/Inf at epoch 1" in run.data.tags["error"] and "lr 1e+36" in run.data.tags["error"]
+    assert (s.first + s.second[1]).count("diverged, not retried") == 1  # max_failures=1 did not rerun it
+    assert s.client.get_run(s.parent_id).data.tags["best_run_id"] != run.info.run_id
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_is_resumed_with_every_trial_once(faulted_sweep):
+    s = faulted_sweep
+    rc, out = s.second
+    assert rc == 0, out[-6000:]
+    assert s.parent_status_after_kill == "RUNNING"  # nobody could close it: --resume takes it over
+    exp_id, parent = the_parent(s.client, "faults")
+    assert parent.info.run_id == s.parent_id and parent.info.status == "FINISHED"
+    runs = children(s.client, s.parent_id, s.exp_id)
+    assert sorted(r.data.tags[TRIAL_TAG] for r in runs) == sorted({r.data.tags[TRIAL_TAG] for r in runs})
+    assert len(runs) == 3
+    cut = child_at(s.client, s.exp_id, CUT)
+    assert cut.info.run_id == s.cut_before.info.run_id and cut.info.status == "FINISHED"
+    assert sorted(set(epochs_logged(s.client, cut))) == [1, 2, 3]
+    assert "resumed from epoch" in out  # from its checkpoint, not from scratch
+
+
+# ----------------------------------------------------------------------------------------------------------
 # DDP trials: two Ray Train workers per trial; a stopped trial frees them for the next one
 # ----------------------------------------------------------------------------------------------------------
 
@@ -433,6 +514,39 @@ def test_rows_rank_trials_by_their_best_metric_over_epochs(record, sweep):
         "status",
     ]
     assert table.splitlines()[2].split()[:5] == ["1", "a", "0.5", "0.5", "30"]
+
+
+def test_a_diverged_trial_is_failed_with_its_reason_and_never_ranked_best(record, sweep):
+    client = record.client()
+    diverged = child_run(record, "div", "trial_div", {"v_th": 0.5, "aa": 0.5})
+    client.log_metric(diverged, "val_acc", 90.0, step=1)  # a good first epoch, then NaN
+    healthy = child_run(record, "ok", "trial_ok", {"v_th": 0.4, "aa": 0.5})
+    client.log_metric(healthy, "val_acc", 60.0, step=1)
+    client.set_terminated(healthy, "FINISHED")
+    fail_child(record, diverged, "TrainingDiverged: loss became NaN/Inf at epoch 2, step 3 (lr 1e+20)")
+    run = client.get_run(diverged)
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("TrainingDiverged: loss became NaN")
+    rows = collect_rows(record, sweep)
+    assert [(r.trial_id, r.value, r.outcome) for r in rows] == [("ok", 60.0, "finished"), ("div", 90.0, "failed")]
+
+
+def test_a_ddp_trial_that_diverged_is_told_apart_from_one_that_crashed():
+    # How Ray Train 2.60 hands a failed run back to the trial: the ranks' exceptions, wrapped with their
+    # tracebacks, through pickle. This pins the assumption _diverged_rank makes about Ray's wrapper.
+    import pickle
+
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from stbp.sweep import _diverged_rank
+    from stbp.train import TrainingDiverged
+
+    nan = TrainingDiverged("loss became NaN/Inf at epoch 2, step 5 (lr 1)", epoch=2, step=5, lr=1.0)
+    diverged = WorkerGroupError("failed", {r: UserExceptionWithTraceback(nan, "Traceback ...") for r in (0, 1)})
+    found = _diverged_rank(pickle.loads(pickle.dumps(diverged)))
+    assert isinstance(found, TrainingDiverged) and (found.epoch, found.step) == (2, 5)
+    crashed = WorkerGroupError("failed", {1: UserExceptionWithTraceback(RuntimeError("CUDA out of memory"), "")})
+    assert _diverged_rank(pickle.loads(pickle.dumps(crashed))) is None
 
 
 def rows_for(n: int) -> list[TrialRow]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,12 @@ def test_resume_refuses_another_architecture(tmp_path, data_dir):
 
 def test_divergence_stops_with_epoch_step_and_lr(tmp_path, data_dir):
     cfg = tiny(tmp_path, data_dir, optimizer="sgd", lr=1e37, momentum=0.0, log_interval=1, schedule="none")
-    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+ \(lr 1e\+37\)"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 1, step \d+ \(lr 1e\+37\)") as info:
         train(cfg)
+    exc = info.value
+    assert (exc.epoch, exc.lr) == (1, 1e37) and f"step {exc.step} " in str(exc)
+    again = pickle.loads(pickle.dumps(exc))  # as Ray carries it from a DDP rank to its trial
+    assert (type(again), str(again), again.epoch, again.step) == (TrainingDiverged, str(exc), 1, exc.step)
 
 
 def test_missing_data_offline_is_refused_before_training(tmp_path):
