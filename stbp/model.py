@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .conv import SpikeConv2d
 from .neuron import LIF
 from .tdbn import RESIDUAL_ALPHA, TdBN
 
@@ -26,25 +27,30 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
+def _spike_conv3x3(cin: int, cout: int, stride: int = 1) -> SpikeConv2d:
+    return SpikeConv2d(cin, cout, 3, stride=stride, padding=1)
+
+
 class BasicBlock(nn.Module):
     """conv3x3-tdBN-LIF-conv3x3-tdBN(alpha=1/sqrt2) + shortcut, then LIF.
 
-    The shortcut is the identity, or a 1x1 conv + tdBN(alpha=1/sqrt2) when the shape changes.
+    The shortcut is the identity, or a 1x1 conv + tdBN(alpha=1/sqrt2) when the shape changes. Every
+    convolution here sees spikes, so each is a :class:`SpikeConv2d` (its input saved as bool for backward).
     """
 
     def __init__(self, cin: int, cout: int, stride: int, timesteps: int, neuron: dict):
         super().__init__()
         v_th = neuron["v_th"]
         self.timesteps = timesteps
-        self.conv1 = _conv3x3(cin, cout, stride)
+        self.conv1 = _spike_conv3x3(cin, cout, stride)
         self.bn1 = TdBN(cout, v_th=v_th)
         self.lif1 = LIF(**neuron)
-        self.conv2 = _conv3x3(cout, cout)
+        self.conv2 = _spike_conv3x3(cout, cout)
         self.bn2 = TdBN(cout, v_th=v_th, alpha=RESIDUAL_ALPHA)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                SpikeConv2d(cin, cout, 1, stride=stride),
                 TdBN(cout, v_th=v_th, alpha=RESIDUAL_ALPHA),
             )
         self.lif2 = LIF(**neuron)
