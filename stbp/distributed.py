@@ -44,12 +44,42 @@ def setup_distributed(device: str = "auto") -> DistEnv:
         return DistEnv(0, 1, 0, _pick_device(device, 0), owns_group=False)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
+    store = _restart_safe_store(rank)
+    if store is not None:
+        kwargs = dict(store=store, rank=rank, world_size=world)
+    else:
+        kwargs = {}
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev)
+        dist.init_process_group("nccl", device_id=dev, **kwargs)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **kwargs)
     return DistEnv(rank, world, local_rank, dev, owns_group=True)
+
+
+def _restart_safe_store(rank: int) -> dist.Store | None:
+    """torchrun's store, keyed by restart on one node; None: let init_process_group open its own.
+
+    torchrun (torch 2.14) hands its workers one TCP store for the whole job, shared across restarts. The
+    addresses that the ranks of a killed attempt published there stay behind, and a restarted rank can read
+    its peer's stale address before the peer writes its new one: gloo then fails with "connection refused"
+    (seen on a loaded machine), and NCCL could read a stale unique id. On one node, the restart count is the
+    same for every rank, so a prefix with it gives each attempt clean keys. Across nodes the counts differ
+    (an agent that did not fail restarts without counting), so there the fix is torch's own opt-out,
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment: a fresh store for every attempt.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            print(
+                "[stbp] warning: torchrun on several nodes with restarts shares one store across attempts; a "
+                "restarted job can read stale addresses. Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun.",
+                flush=True,
+            )
+        return None
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"stbp/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown_distributed(env: DistEnv) -> None:

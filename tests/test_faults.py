@@ -17,18 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("CI") == "true" and not os.environ.get("STBP_FAULT_TESTS"),
-    reason="flaky on a loaded 2-core CI machine: the restarted gloo mesh has failed to connect (issue 7); "
-    "passes when run alone; set STBP_FAULT_TESTS=1 to run it in CI",
-)
 def test_rank_killed_mid_epoch_restarts_and_resumes_into_the_same_mlflow_run(tmp_path, data_dir):
-    # --max-restarts=3, not 1: on a loaded 2-core machine the restarted gloo mesh has been seen to time out
-    # once (connection refused) before connecting; the behaviour under test is the resume, not the retry count.
+    # One restart is enough: the restarted ranks must not read the killed attempt's stale addresses from
+    # torchrun's shared store (they did on a loaded machine before stbp.distributed keyed it by restart).
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = {**os.environ, "STBP_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=3",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "train_ddp.py"),
         "--preset", "tiny", "--epochs", "3", "--train_size", "4096", "--batch_size", "64", "--patience", "0",
         "--output_dir", str(out), "--tracking_uri", f"sqlite:///{db}", "--experiment", "faults",
@@ -49,6 +44,7 @@ def test_rank_killed_mid_epoch_restarts_and_resumes_into_the_same_mlflow_run(tmp
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-4000:]
     assert "resumed from epoch 1" in output
+    assert "failed to connect" not in output  # gloo's message when it dials a stale address
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 3 and summary["world_size"] == 2
 
