@@ -548,7 +548,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
                 "width": 0.125,
                 "epochs": 3,
                 "batch_size": 128,
-                "eval_batch_size": 2000,
+                "eval_batch_size": 128,  # on a CPU, small batches evaluate 2x faster than 2000 (cache)
                 "lr": 3e-3,
                 "schedule": "cosine",
                 "output_dir": "runs/cpu",

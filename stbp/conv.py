@@ -31,7 +31,7 @@ class _SpikeConv2d(torch.autograd.Function):
         packed, weight = ctx.saved_tensors
         grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_out.to(ctx.dtype),
-            packed.to(ctx.dtype),  # exact: the saved input held only 0s and 1s
+            packed.view(torch.uint8).to(ctx.dtype),  # exact (0s and 1s); via uint8: bool casts are slow on CPU
             weight.to(ctx.dtype),
             None,  # no bias
             ctx.stride,

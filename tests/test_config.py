@@ -135,7 +135,7 @@ def test_seed_preset_has_the_reference_hyperparameters():
 def test_cpu_gpu_and_tiny_presets_apply_their_values():
     cpu = build_config(preset="cpu")
     assert (cpu.model.width, cpu.run.epochs, cpu.run.batch_size, cpu.optim.lr) == (0.125, 3, 128, 3e-3)
-    assert (cpu.optim.schedule, cpu.run.eval_batch_size, cpu.run.output_dir) == ("cosine", 2000, "runs/cpu")
+    assert (cpu.optim.schedule, cpu.run.eval_batch_size, cpu.run.output_dir) == ("cosine", 128, "runs/cpu")
     gpu = build_config(preset="gpu")
     assert (gpu.model.width, gpu.run.epochs, gpu.run.batch_size, gpu.optim.lr) == (1.0, 11, 128, 1e-3)
     assert (gpu.optim.schedule, gpu.optim.warmup_epochs, gpu.run.output_dir) == ("cosine", 1, "runs/gpu")
