@@ -66,7 +66,7 @@ def code_state() -> str:
             return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "--", "stbp").splitlines()]
+    dirty = git("diff", "--name-only", "HEAD", "--", "stbp").splitlines()
     if not dirty:
         return commit
     digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in sorted(dirty) if (ROOT / f).is_file()))
@@ -246,8 +246,10 @@ def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> tuple[int
 # ----------------------------------------------------------------------------------------------------------
 
 # Backward autograd nodes by name fragment -> category (forward ops are categorised by the module they run in).
-_BACKWARD_KINDS = (("Convolution", "conv"), ("Addmm", "conv"), ("Mm", "conv"), ("BatchNorm", "batch-norm"),
-                   ("LIF", "neuron"), ("Spike", "neuron"), ("rect", "neuron"), ("Surrogate", "neuron"))
+# First match wins: stbp's SpikeConv2d is a convolution, not a neuron.
+_BACKWARD_KINDS = (("Convolution", "conv"), ("SpikeConv", "conv"), ("Addmm", "conv"), ("Mm", "conv"),
+                   ("BatchNorm", "batch-norm"), ("LIF", "neuron"), ("Spike", "neuron"), ("rect", "neuron"),
+                   ("Surrogate", "neuron"))
 
 
 def step_breakdown(model: nn.Module, step: Callable[[], None], kind_of: Callable[[nn.Module], str | None]) -> dict:

@@ -45,10 +45,7 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
     store = _restart_safe_store(rank)
-    if store is not None:
-        kwargs = dict(store=store, rank=rank, world_size=world)
-    else:
-        kwargs = {}
+    kwargs = {} if store is None else dict(store=store, rank=rank, world_size=world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         dist.init_process_group("nccl", device_id=dev, **kwargs)
