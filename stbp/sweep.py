@@ -885,6 +885,16 @@ def _check_local_resources(res: Resources) -> None:
         )
 
 
+def _check_data(train: Config) -> None:
+    """MNIST where the trials will look, fetched here once if allowed (not by every trial at once)."""
+    from .data import DataNotFoundError, load_mnist
+
+    try:
+        load_mnist(train.data.data_dir, download=train.data.download)
+    except DataNotFoundError as exc:
+        raise SweepError(f"the trials would find no MNIST: {exc}") from None
+
+
 def _start_ray(address: str | None) -> None:
     import ray
 
@@ -1004,6 +1014,7 @@ def run_sweep(
     _check_sweep_dir(sweep, sweep_dir, resume, tracking_uri)
     if not address:
         _check_local_resources(sweep.resources)
+        _check_data(sweep.train)
     elif not tracking_uri.startswith(("http://", "https://")):
         print(
             f"[sweep] warning: trials on other nodes cannot write to {tracking_uri}; give --tracking_uri "

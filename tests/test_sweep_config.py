@@ -310,6 +310,13 @@ def test_more_cpus_per_trial_than_the_machine_has_are_refused(tmp_path, no_ray_s
         run_sweep(sweep, storage=tmp_path / "ray")
 
 
+def test_missing_data_offline_is_refused_before_ray(tmp_path, no_ray_started):
+    sweep = load_sweep(write(tmp_path, BASE), ["--data_dir", str(tmp_path / "nowhere"), "--download", "false"])
+    with pytest.raises(SweepError, match=r"(?s)the trials would find no MNIST.*download=False.*nowhere"):
+        run_sweep(sweep, storage=tmp_path / "ray")
+    assert not (tmp_path / "ray").exists()
+
+
 def test_an_unreachable_tracking_server_is_refused_before_ray(tmp_path, no_ray_started):
     sweep = load_sweep(write(tmp_path, BASE), tracking_uri=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(TrackingError, match="unreachable"):
