@@ -20,10 +20,10 @@ __all__ = ["SpikeConv2d", "spike_conv2d"]
 
 class _SpikeConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spikes: Tensor, weight: Tensor, stride, padding, dtype: torch.dtype) -> Tensor:
+    def forward(ctx, spikes: Tensor, mask, weight: Tensor, stride, padding, dtype: torch.dtype) -> Tensor:
         # ``dtype`` is the compute dtype autocast would choose; the cast weight is not kept (recast in backward).
         ctx.stride, ctx.padding, ctx.dtype = stride, padding, dtype
-        ctx.save_for_backward(spikes.to(torch.bool), weight)
+        ctx.save_for_backward(spikes.to(torch.bool) if mask is None else mask, weight)
         return F.conv2d(spikes.to(dtype), weight.to(dtype), None, stride, padding)
 
     @staticmethod
@@ -40,21 +40,24 @@ class _SpikeConv2d(torch.autograd.Function):
             False,  # transposed
             (0, 0),  # output padding
             1,  # groups
-            (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False),
+            (ctx.needs_input_grad[0], ctx.needs_input_grad[2], False),
         )
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_in, grad_w, None, None, None
+        return grad_in, None, grad_w, None, None, None
 
 
-def spike_conv2d(spikes: Tensor, weight: Tensor, stride=(1, 1), padding=(0, 0)) -> Tensor:
-    """``F.conv2d(spikes, weight, None, stride, padding)`` for a 0/1 ``spikes`` tensor, saving it as bool."""
+def spike_conv2d(spikes: Tensor, weight: Tensor, stride=(1, 1), padding=(0, 0), mask: Tensor | None = None) -> Tensor:
+    """``F.conv2d(spikes, weight, None, stride, padding)`` for a 0/1 ``spikes`` tensor, saving it as bool.
+
+    ``mask``: ``spikes`` as bool, already kept by the layer that fired them (:meth:`LIF.forward_folded` with
+    ``return_mask``); saved instead of a new copy."""
     device = spikes.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     if not (torch.is_grad_enabled() and weight.requires_grad):  # inference: nothing is saved anyway
         return F.conv2d(spikes.to(dtype), weight.to(dtype), None, stride, padding)
     with torch.autocast(device, enabled=False):  # the dtype is chosen above, as autocast would
-        return _SpikeConv2d.apply(spikes, weight, tuple(stride), tuple(padding), dtype)
+        return _SpikeConv2d.apply(spikes, mask, weight, tuple(stride), tuple(padding), dtype)
 
 
 class SpikeConv2d(nn.Conv2d):
@@ -63,5 +66,5 @@ class SpikeConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
 
-    def forward(self, spikes: Tensor) -> Tensor:
-        return spike_conv2d(spikes, self.weight, self.stride, self.padding)
+    def forward(self, spikes: Tensor, mask: Tensor | None = None) -> Tensor:
+        return spike_conv2d(spikes, self.weight, self.stride, self.padding, mask)

@@ -55,10 +55,18 @@ class BasicBlock(nn.Module):
             )
         self.lif2 = LIF(**neuron)
 
-    def forward(self, x: Tensor) -> Tensor:  # [T*N, C, H, W] spikes -> [T*N, C', H', W'] spikes
-        out = self.lif1.forward_folded(self.bn1(self.conv1(x)), self.timesteps)
-        out = self.bn2(self.conv2(out)) + self.shortcut(x)
-        return self.lif2.forward_folded(out, self.timesteps)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``[T*N, C, H, W]`` spikes (and their bool ``mask`` from the LIF that fired them, if it kept one) ->
+        ``[T*N, C', H', W']`` spikes and their mask. The masks let each convolution save the LIF's own bool copy
+        of its input rather than a second one."""
+        out, out_mask = self.lif1.forward_folded(self.bn1(self.conv1(x, mask)), self.timesteps, return_mask=True)
+        out = self.bn2(self.conv2(out, out_mask))
+        if isinstance(self.shortcut, nn.Identity):
+            out = out + x
+        else:
+            conv, bn = self.shortcut
+            out = out + bn(conv(x, mask))
+        return self.lif2.forward_folded(out, self.timesteps, return_mask=True)
 
 
 class SpikingResNet(nn.Module):
@@ -117,9 +125,10 @@ class SpikingResNet(nn.Module):
         # over time ([N, ...] -> [T*N, ...]); the gradient of the repeat sums over time, as it should.
         x = self.conv1(images)
         x = x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
-        x = self.lif1.forward_folded(self.bn1(x), steps)
+        x, mask = self.lif1.forward_folded(self.bn1(x), steps, return_mask=True)
         for stage in self.stages:
-            x = stage(x)
+            for block in stage:
+                x, mask = block(x, mask)
         x = self.pool(x).flatten(1)  # [T*N, C]
         x = self.lif_fc1.forward_folded(self.fc1(x), steps)
         x = self.fc2(x).view(steps, n, -1)  # [T, N, classes]

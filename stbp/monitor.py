@@ -40,6 +40,8 @@ class FiringRateMonitor:
 
     def _hook(self, index: int):
         def hook(module, inputs, output):
+            if isinstance(output, tuple):  # (spikes, mask) from LIF.forward(..., return_mask=True)
+                output = output[0]
             if self._spikes is None:
                 self._spikes = torch.zeros(len(self.names), dtype=torch.float64, device=output.device)
             # Device-side accumulate; the element count is known on the host without a sync.

@@ -107,10 +107,11 @@ class _LIFFunction(torch.autograd.Function):
                 membranes.append(u)
         ctx.save_for_backward(spikes, window, *membranes)
         ctx.params = (aa, tau)
-        return out
+        ctx.mark_non_differentiable(spikes)
+        return out, spikes  # the bool spikes too: a SpikeConv2d after this layer saves them, not a copy
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_spikes: Tensor | None = None):
         spikes, window, *membranes = ctx.saved_tensors
         aa, tau = ctx.params
         dtype = torch.promote_types(grad_out.dtype, torch.float32)
@@ -144,18 +145,25 @@ def _lif_inference(x: Tensor, v_th: float, tau: float) -> Tensor:
     return out
 
 
-def lif_fused(x: Tensor, v_th: float, aa: float, tau: float) -> Tensor:
-    """Fast path of :func:`lif_reference`: same forward bit for bit, gradients equal to rounding."""
+def lif_fused(x: Tensor, v_th: float, aa: float, tau: float, return_mask: bool = False):
+    """Fast path of :func:`lif_reference`: same forward and gradients, bit for bit.
+
+    ``return_mask=True`` returns ``(spikes, mask)``: ``mask`` is the bool copy of the spikes that the layer keeps
+    for its backward (``None`` when no gradient is needed), for a :class:`~stbp.conv.SpikeConv2d` to share."""
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return _lif_inference(x, v_th, tau)
-    return _LIFFunction.apply(x, v_th, aa, tau)
+        out = _lif_inference(x, v_th, tau)
+        return (out, None) if return_mask else out
+    out, mask = _LIFFunction.apply(x, v_th, aa, tau)
+    return (out, mask) if return_mask else out
 
 
 class LIF(nn.Module):
     """Multi-step leaky integrate-and-fire layer with STBP's rectangular surrogate gradient.
 
     Input ``[T, N, ...]`` (membrane drive per time step), output spikes of the same shape and dtype. No state
-    is kept between calls. ``fast=True`` runs the whole time loop as one fused autograd node
+    is kept between calls. With ``return_mask=True`` (how :class:`~stbp.model.SpikingResNet` calls it) the
+    output is ``(spikes, mask)``, and forward hooks see that tuple. ``fast=True`` runs the whole time loop as one
+    fused autograd node
     (:func:`lif_fused`); ``fast=False`` runs the plain loop (:func:`lif_reference`).
     """
 
@@ -169,13 +177,21 @@ class LIF(nn.Module):
             raise ValueError(f"tau must be in (0, 1], got {tau}")
         self.v_th, self.aa, self.tau, self.fast = float(v_th), float(aa), float(tau), fast
 
-    def forward(self, x: Tensor) -> Tensor:
-        fn = lif_fused if self.fast else lif_reference
-        return fn(x, self.v_th, self.aa, self.tau)
+    def forward(self, x: Tensor, return_mask: bool = False):
+        """Spikes ``[T, N, ...]``; with ``return_mask``, ``(spikes, mask)`` (see :func:`lif_fused`; the plain loop
+        and inference give ``mask=None``)."""
+        if self.fast:
+            return lif_fused(x, self.v_th, self.aa, self.tau, return_mask)
+        out = lif_reference(x, self.v_th, self.aa, self.tau)
+        return (out, None) if return_mask else out
 
-    def forward_folded(self, x: Tensor, timesteps: int) -> Tensor:
+    def forward_folded(self, x: Tensor, timesteps: int, return_mask: bool = False):
         """``[T*N, ...]`` in, ``[T*N, ...]`` out: unfolds time, fires, folds back (views, no copies)."""
-        return self(x.view(timesteps, x.shape[0] // timesteps, *x.shape[1:])).flatten(0, 1)
+        out = self(x.view(timesteps, x.shape[0] // timesteps, *x.shape[1:]), return_mask)
+        if not return_mask:
+            return out.flatten(0, 1)
+        out, mask = out
+        return out.flatten(0, 1), None if mask is None else mask.flatten(0, 1)
 
     def extra_repr(self) -> str:
         return f"v_th={self.v_th}, aa={self.aa}, tau={self.tau}, fast={self.fast}"

@@ -83,6 +83,13 @@ def test_without_grad_it_is_a_plain_convolution():
         assert torch.equal(ref(x), ours(x))
 
 
+class PlainConv(nn.Conv2d):
+    """nn.Conv2d that takes (and ignores) the spike mask the blocks hand their convolutions."""
+
+    def forward(self, x, mask=None):
+        return super().forward(x)
+
+
 def test_resnet19_with_spike_convs_trains_exactly_like_plain_convs():
     # The whole network: every SpikeConv2d swapped for an nn.Conv2d with the same weights.
     torch.manual_seed(0)
@@ -91,14 +98,32 @@ def test_resnet19_with_spike_convs_trains_exactly_like_plain_convs():
     for module in list(plain.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, SpikeConv2d):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                conv = PlainConv(child.in_channels, child.out_channels, child.kernel_size, child.stride,
                                  child.padding, bias=False)  # fmt: skip
                 setattr(module, child_name, conv)
     plain.load_state_dict(ours.state_dict())  # same keys: checkpoints of either load into the other
     assert sum(isinstance(m, SpikeConv2d) for m in ours.modules()) == 8 * 2 + 2
     assert not any(isinstance(m, SpikeConv2d) for m in plain.modules())
+    assert plain.stages[0][0].conv1.__class__ is PlainConv
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     for model in (ours, plain):
         nn.functional.cross_entropy(model(x), y).backward()
     for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_in_resnet19_the_convolutions_share_the_lifs_bool_spikes():
+    # Every bool tensor saved in a training step belongs to a LIF (its spikes and window masks): the
+    # convolutions after it save the very same storage, not a copy. Counted by storage, as memory is.
+    model = resnet19(width=0.0625, timesteps=2)
+    storages = {}
+
+    def pack(t):
+        if t.dtype == torch.bool:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(4, 1, 28, 28)).sum().backward()
+    lifs = [m for m in model.modules() if type(m).__name__ == "LIF"]
+    assert len(storages) == 2 * len(lifs)  # spikes + window per LIF, nothing more

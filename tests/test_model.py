@@ -94,7 +94,12 @@ def test_firing_rate_monitor_counts_spikes_per_layer_against_hooks():
     seen = {}
     for name, mod in m.named_modules():
         if isinstance(mod, LIF):
-            mod.register_forward_hook(lambda mod, i, o, name=name: seen.setdefault(name, []).append(o.detach().clone()))
+            # Inside the network a LIF returns (spikes, mask) (see LIF.forward); the spikes are what counts.
+            mod.register_forward_hook(
+                lambda mod, i, o, name=name: seen.setdefault(name, []).append(
+                    (o[0] if isinstance(o, tuple) else o).detach().clone()
+                )
+            )
     mon = FiringRateMonitor(m)
     m(torch.randn(5, 1, 28, 28))
     m(torch.randn(3, 1, 28, 28))

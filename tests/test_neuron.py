@@ -135,3 +135,16 @@ def test_lif_keeps_no_state_between_calls_and_two_thresholds_coexist():
 def test_lif_rejects_invalid_hyperparameters(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         LIF(**kwargs)
+
+
+def test_the_mask_is_the_layers_own_bool_copy_of_its_spikes():
+    torch.manual_seed(0)
+    lif = LIF(v_th=0.4, aa=0.5, tau=0.25)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    out, mask = lif(x, return_mask=True)
+    assert mask.dtype == torch.bool and torch.equal(mask, out.bool()) and not mask.requires_grad
+    assert torch.equal(out, lif(x))
+    with torch.no_grad():
+        assert lif(x, return_mask=True)[1] is None  # inference keeps nothing to share
+    folded, folded_mask = lif.forward_folded(x.reshape(12, 5), 3, return_mask=True)
+    assert torch.equal(folded_mask, folded.bool()) and folded.shape == (12, 5)
