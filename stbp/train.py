@@ -8,6 +8,7 @@ all-reduce of sums and counts -> validation -> early stopping -> checkpoint (ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -274,7 +275,13 @@ class _Trainer:
                     dynamic_ncols=True)
 
     @torch.no_grad()
-    def evaluate(self, split: str, monitor: FiringRateMonitor | None = None) -> dict[str, float]:
+    def evaluate(self, split: str, firing_rates: bool = False) -> dict[str, float]:
+        """Loss and accuracy on ``split`` (and the firing rate of every LIF layer), reduced over ranks."""
+        # The monitor's hooks live only for this evaluation, never during training steps.
+        with FiringRateMonitor(self.raw_model) if firing_rates else contextlib.nullcontext() as monitor:
+            return self._evaluate(split, monitor)
+
+    def _evaluate(self, split: str, monitor: FiringRateMonitor | None) -> dict[str, float]:
         env, dev = self.env, self.device
         model = self.raw_model
         model.eval()
@@ -336,7 +343,7 @@ class _Trainer:
             f"{self.device}, {'bf16 autocast' if self.amp_dtype else 'fp32'}, "
             f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters"
         )
-        monitor = FiringRateMonitor(self.raw_model) if cfg.run.firing_rates else None
+        rates = cfg.run.firing_rates  # counted during evaluation only: training steps pay nothing for them
         stopped_early = False
         try:
             for epoch in range(self.start_epoch, cfg.run.epochs):
@@ -345,9 +352,7 @@ class _Trainer:
                     break
                 t0 = time.perf_counter()
                 metrics = self._train_epoch(epoch)
-                if monitor is not None:
-                    monitor.reset()
-                metrics.update(self.evaluate("val", monitor))
+                metrics.update(self.evaluate("val", rates))
                 metrics["epoch_time_s"] = time.perf_counter() - t0
                 metrics["epoch"] = epoch + 1
                 improved = metrics["val_loss"] < self.best_val_loss
@@ -374,25 +379,20 @@ class _Trainer:
             else:
                 stopped_early = bool(cfg.run.patience and self.bad_epochs >= cfg.run.patience
                                      and len(self.history) < cfg.run.epochs)
-            summary = self._finish(monitor, stopped_early)
+            summary = self._finish(rates, stopped_early)
         except BaseException:
             if env.is_primary and self.tracker.run_id and getattr(self.tracker, "owns_run", False):
                 self.tracker.finish("FAILED")
             raise
-        finally:
-            if monitor is not None:
-                monitor.close()
         return summary
 
-    def _finish(self, monitor: FiringRateMonitor | None, stopped_early: bool) -> dict[str, Any]:
+    def _finish(self, rates: bool, stopped_early: bool) -> dict[str, Any]:
         env = self.env
         if not self.history:
             raise RuntimeError("no epoch was trained (is the run already complete? see summary.json)")
         best = read_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)  # shared storage
         self.raw_model.load_state_dict(best["model"])
-        if monitor is not None:
-            monitor.reset()
-        test = self.evaluate("test", monitor)
+        test = self.evaluate("test", rates)
         rates = {k[len("firing_rate/") :]: v for k, v in test.items() if k.startswith("firing_rate/")}
         summary = {
             "test_acc": test["test_acc"],
