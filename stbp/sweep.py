@@ -579,7 +579,7 @@ class TrialPlan:
     resources: Resources
     keep_checkpoints: int
     data_dir: str
-    metric: str = "val_acc"  # what Tune's scheduler and searcher read from every trial's results
+    metric: str  # what Tune's scheduler and searcher read from every trial's results
 
 
 def _trial_config(plan: TrialPlan, params: dict, trial_dir: Path, run_id: str, run_name: str) -> Config:

@@ -191,16 +191,22 @@ def _close(record: SweepRecord, trial, status: str, tags: dict[str, str], create
         return  # never started, or closed already (train() marks its own success FINISHED)
     else:
         run_id = run.info.run_id
+    _terminate(client, run_id, status, tags)
+
+
+def _terminate(client: MlflowClient, run_id: str, status: str, tags: dict[str, str]) -> None:
     if tags:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.set_terminated(run_id, status)
 
 
+def _error_tags(error: str) -> dict[str, str]:
+    return {"error": error.strip()[-_ERROR_TAG_LIMIT:]}
+
+
 def fail_child(record: SweepRecord, run_id: str, error: str) -> None:
     """Close a trial's child run as FAILED with the reason (a trial that ends itself, e.g. on divergence)."""
-    client = record.client()
-    client.set_tag(run_id, "error", error.strip()[-_ERROR_TAG_LIMIT:])
-    client.set_terminated(run_id, "FAILED")
+    _terminate(record.client(), run_id, "FAILED", _error_tags(error))
 
 
 class SweepCallback(tune.Callback):
@@ -218,9 +224,7 @@ class SweepCallback(tune.Callback):
         _close(self.record, trial, "KILLED", {"stopped_early": "true"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = str(trial.get_error() or "unknown error").strip()
-        tags = {"error": error[-_ERROR_TAG_LIMIT:]}
-        _close(self.record, trial, "FAILED", tags, create=True)
+        _close(self.record, trial, "FAILED", _error_tags(str(trial.get_error() or "unknown error")), create=True)
 
     def on_experiment_end(self, trials, **info):
         # Nothing runs after the experiment ends (done or interrupted): a run still open was cut short.

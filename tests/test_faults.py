@@ -58,10 +58,6 @@ def test_rank_killed_mid_epoch_restarts_and_resumes_into_the_same_mlflow_run(tmp
     assert steps == [1, 2, 3]
 
 
-def _start_mlflow(tmp_path, port):
-    return start_mlflow_server(tmp_path / "mlflow-server", port)
-
-
 @pytest.mark.slow
 def test_tracking_server_lost_mid_run_loses_no_metrics(tmp_path, data_dir, monkeypatch):
     from mlflow.tracking import MlflowClient
@@ -72,13 +68,13 @@ def test_tracking_server_lost_mid_run_loses_no_metrics(tmp_path, data_dir, monke
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     port = free_port()
-    server = {"proc": _start_mlflow(tmp_path, port)}
+    server = {"proc": start_mlflow_server(tmp_path / "mlflow-server", port)}
 
     def chaos(epoch, metrics, checkpoint_dir):
         if epoch == 1:  # the server dies: epoch 2's records cannot be delivered
             stop_group(server["proc"])
         if epoch == 2:  # and comes back: what was kept is delivered before epoch 3's records
-            server["proc"] = _start_mlflow(tmp_path, port)
+            server["proc"] = start_mlflow_server(tmp_path / "mlflow-server", port)
 
     cfg = build_config(preset="tiny", overrides=dict(
         data_dir=data_dir, output_dir=str(tmp_path / "out"), epochs=3, patience=0, train_size=256,

@@ -75,6 +75,7 @@ def start_tune(args: list[str], cwd: Path, env: dict, log: Path) -> subprocess.P
         env=env,
         stdout=open(log, "w"),  # noqa: SIM115 - a file, not a pipe: a long log cannot block the child
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: what a SIGKILLed driver leaves behind can be found
     )
 
 
@@ -314,11 +315,7 @@ def faulted_sweep(mlflow_server, tmp_path_factory, data_dir):
     args = ["--sweep", str(write_fault_sweep(work)), "--tracking_uri", mlflow_server, "--timesteps", "1"]
     env, client = tune_env(data_dir), MlflowClient(mlflow_server)
     first_log = work / "first.log"
-    # Its own process group: whatever the SIGKILLed driver leaves behind can be found and reaped.
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tune.py"), *args], cwd=work, env=env,
-        stdout=open(first_log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip  # noqa: SIM115
+    proc = start_tune(args, work, env, first_log)
     try:
         exp = lambda: client.get_experiment_by_name("stbp-faults")  # noqa: E731
         found = lambda point: exp() and child_at(client, exp().experiment_id, point)  # noqa: E731
@@ -580,7 +577,7 @@ def test_a_trials_config_points_its_outputs_and_run_at_the_trial(tmp_path, sweep
     from stbp.config import config_to_dict
     from stbp.sweep import Resources
 
-    plan = TrialPlan(config_to_dict(sweep.train), str(tmp_path), record, Resources(), 1, "/data/mnist")
+    plan = TrialPlan(config_to_dict(sweep.train), str(tmp_path), record, Resources(), 1, "/data/mnist", sweep.metric)
     cfg = _trial_config(plan, {"v_th": 0.7, "aa": 0.9}, tmp_path / "trial_x", "RUNID", "trial_x")
     assert (cfg.model.v_th, cfg.model.aa) == (0.7, 0.9)
     assert cfg.run.output_dir == str(tmp_path / "trial_x" / "train") and cfg.run.resume == "auto"
