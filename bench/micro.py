@@ -1,0 +1,107 @@
+"""Micro-benchmarks behind the cpu-preset figures in BENCHMARKS.md (section 0 and "Training accuracy").
+
+    python bench/micro.py step [--batch 128] [--width 0.125] [--contiguous]   # one training step, median of 6
+    python bench/micro.py eval [--width 0.125]                              # inference img/s per eval batch size
+    python bench/micro.py lif                                               # fused LIF fwd+bwd, [2,128,16,28,28]
+    python bench/micro.py ops                                               # bool vs float elementwise ops
+
+Compare two versions of stbp/ by running one, then the other, alternating (e.g. with ``git stash``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from stbp.model import resnet19
+from stbp.neuron import lif_fused
+
+
+def median_s(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def step(batch: int, width: float, channels_last: bool) -> None:
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = resnet19(width=width).to(memory_format=fmt)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+
+    def one():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    s = median_s(one, 6)
+    print(f"step: width {width} batch {batch} {'channels_last' if channels_last else 'contiguous'}: "
+          f"{s * 1e3:.0f} ms, {batch / s:.0f} img/s")  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(width: float) -> None:
+    model = resnet19(width=width).eval().to(memory_format=torch.channels_last)
+    for batch in (2000, 500, 250, 128):
+        x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+        s = median_s(lambda x=x: model(x), 3, warmup=1)
+        print(f"eval: width {width} batch {batch}: {batch / s:.0f} img/s")
+
+
+def lif() -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(2, 128, 16, 28, 28) * 0.5 + 0.3).requires_grad_()
+    grad = torch.randn_like(x)
+
+    def one():
+        lif_fused(x, 0.4, 0.5, 0.25).backward(grad)
+        x.grad = None
+
+    print(f"lif: fused forward+backward on {list(x.shape)}: {median_s(one, 7, warmup=1) * 1e3:.1f} ms")
+
+
+def ops() -> None:
+    """Why the LIF avoids bool arithmetic: torch's CPU paths for bool tensors against their float/uint8 twins."""
+    torch.manual_seed(0)
+    u = torch.randn(128, 16, 28, 28)
+    mask = torch.rand(128, 16, 28, 28) > 0.8
+    for name, fn in (
+        ("u.masked_fill(mask, 0)", lambda: u.masked_fill(mask, 0)),
+        ("u * (1 - mask as float)", lambda: u * (1 - mask.view(torch.uint8).to(u.dtype))),
+        ("mask.to(float32)", lambda: mask.to(torch.float32)),
+        ("mask.view(uint8).to(float32)", lambda: mask.view(torch.uint8).to(torch.float32)),
+        ("u.clone()", lambda: u.clone()),
+    ):
+        print(f"ops: {name} on {list(u.shape)}: {median_s(fn, 9) * 1e3:.2f} ms")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("step", "eval", "lif", "ops"))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=float, default=0.125)
+    p.add_argument("--contiguous", action="store_true", help="contiguous instead of channels_last")
+    args = p.parse_args()
+    if args.what == "step":
+        step(args.batch, args.width, not args.contiguous)
+    elif args.what == "eval":
+        evaluate(args.width)
+    elif args.what == "lif":
+        lif()
+    else:
+        ops()
+
+
+if __name__ == "__main__":
+    main()
