@@ -1,6 +1,6 @@
 """Micro-benchmarks behind the cpu-preset figures in BENCHMARKS.md (section 0 and "Training accuracy").
 
-    python bench/micro.py step [--batch 128] [--width 0.125] [--contiguous]   # one training step, median of 6
+    python bench/micro.py step [--batch 128] [--width 0.125] [--contiguous] [--compile]  # a training step, median of 6
     python bench/micro.py eval [--width 0.125]                              # inference img/s per eval batch size
     python bench/micro.py lif                                               # fused LIF fwd+bwd, [2,128,16,28,28]
     python bench/micro.py ops                                               # bool vs float elementwise ops
@@ -31,10 +31,12 @@ def median_s(fn, repeats: int, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def step(batch: int, width: float, channels_last: bool) -> None:
+def step(batch: int, width: float, channels_last: bool, compile: bool = False) -> None:
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = resnet19(width=width).to(memory_format=fmt)
+    if compile:  # inductor; the first (compiling) step is timed on its own
+        model = torch.compile(model)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
@@ -45,9 +47,12 @@ def step(batch: int, width: float, channels_last: bool) -> None:
         loss.backward()
         opt.step()
 
-    s = median_s(one, 6)
-    print(f"step: width {width} batch {batch} {'channels_last' if channels_last else 'contiguous'}: "
-          f"{s * 1e3:.0f} ms, {batch / s:.0f} img/s")  # fmt: skip
+    first = time.perf_counter()
+    one()
+    first = time.perf_counter() - first
+    s = median_s(one, 6, warmup=1)
+    print(f"step: width {width} batch {batch} {'channels_last' if channels_last else 'contiguous'}"
+          f"{' compiled' if compile else ''}: {s * 1e3:.0f} ms, {batch / s:.0f} img/s (first step {first:.1f} s)")
 
 
 @torch.no_grad()
@@ -92,9 +97,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=float, default=0.125)
     p.add_argument("--contiguous", action="store_true", help="contiguous instead of channels_last")
+    p.add_argument("--compile", action="store_true", help="step: torch.compile the model (inductor)")
     args = p.parse_args()
     if args.what == "step":
-        step(args.batch, args.width, not args.contiguous)
+        step(args.batch, args.width, not args.contiguous, args.compile)
     elif args.what == "eval":
         evaluate(args.width)
     elif args.what == "lif":

@@ -132,6 +132,12 @@ class _Trainer:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if cfg.run.compile and self.device.type == "cpu" and env.is_primary:
+            warnings.warn(
+                "compile=true on a CPU: torch.compile (inductor) made this model's training step about 5x slower "
+                "than eager on an AVX2 CPU (torch 2.14; BENCHMARKS.md). It is meant for CUDA.",
+                stacklevel=2,
+            )
         self.model = torch.compile(model) if cfg.run.compile else model
         self.optimizer = _build_optimizer(cfg, self.raw_model.parameters())
 

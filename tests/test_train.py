@@ -59,6 +59,27 @@ def test_checkpoints_load_safely_and_rebuild_the_model(tmp_path, data_dir):
     assert set(result["firing_rates"]) == set(written["firing_rates"])
 
 
+@pytest.mark.slow
+def test_compile_trains_like_eager_and_warns_on_cpu(tmp_path, data_dir, monkeypatch):
+    """``compile=true`` end to end: dynamo traces the whole step (our autograd Functions included) and training
+    matches eager. The backend is ``aot_eager`` (the same graphs, run by aten) because inductor's C++ codegen
+    costs minutes of CI; on a CPU the run warns that compile is for CUDA (inductor measured ~5x slower here)."""
+    eager = train(tiny(tmp_path / "eager", data_dir, epochs=1))
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="aot_eager", **kw))
+    with pytest.warns(UserWarning, match="compile=true on a CPU"):
+        compiled = train(tiny(tmp_path / "compiled", data_dir, epochs=1, compile=True))
+    ours, theirs = (read_checkpoint(Path(s["output_dir"]) / "checkpoints" / "last.pt")["metrics"][0]
+                    for s in (compiled, eager))
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
+    assert (compiled["test_acc"], compiled["test_loss"]) == pytest.approx((eager["test_acc"], eager["test_loss"]))
+    model, _ = load_checkpoint(Path(compiled["output_dir"]) / "checkpoints" / "best.pt")  # no _orig_mod. keys
+    reference, _ = load_checkpoint(Path(eager["output_dir"]) / "checkpoints" / "best.pt")
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, data_dir):
     train(tiny(tmp_path, data_dir, epochs=2, patience=0))
     ckpt = tmp_path / "out" / "checkpoints"
