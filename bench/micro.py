@@ -4,6 +4,7 @@
     python bench/micro.py eval [--width 0.125]                              # inference img/s per eval batch size
     python bench/micro.py lif                                               # fused LIF fwd+bwd, [2,128,16,28,28]
     python bench/micro.py ops                                               # bool vs float elementwise ops
+    python bench/micro.py conv                                              # ResNet-19's convolutions: kernels, GFLOP/s
 
 Compare two versions of stbp/ by running one, then the other, alternating (e.g. with ``git stash``).
 """
@@ -11,6 +12,7 @@ Compare two versions of stbp/ by running one, then the other, alternating (e.g. 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -91,9 +93,49 @@ def ops() -> None:
         print(f"ops: {name} on {list(u.shape)}: {median_s(fn, 9) * 1e3:.2f} ms")
 
 
+def _conv_kernels(x, w, g, stride: int) -> dict:
+    """(forward, backward) callables for one convolution through each of torch's CPU kernels."""
+    aten = torch.ops.aten
+    st, pad, one, zero = [stride, stride], [1, 1], [1, 1], [0, 0]
+    kernels = {}
+    for name, fmt in (("oneDNN NCHW", torch.contiguous_format), ("oneDNN channels_last", torch.channels_last)):
+        xx, ww, gg = (t.contiguous(memory_format=fmt) for t in (x, w, g))
+        kernels[name] = (
+            functools.partial(aten.convolution, xx, ww, None, st, pad, one, False, zero, 1),
+            functools.partial(aten.convolution_backward, gg, xx, ww, None, st, pad, one, False, zero, 1,
+                              [True, True, False]),
+        )  # fmt: skip
+    kernels["im2col + BLAS"] = (
+        functools.partial(aten._slow_conv2d_forward, x, w, [3, 3], None, st, pad),
+        functools.partial(aten._slow_conv2d_backward, g, x, w, [3, 3], st, pad, [True, True, False]),
+    )
+    return kernels
+
+
+def conv() -> None:
+    """The full-width network's 3x3 convolutions at T*B = 32, forward and backward (input and weight gradients),
+    through each CPU kernel torch has: oneDNN on NCHW and on channels_last, and im2col + BLAS
+    (``_slow_conv2d``). The inputs are 0/1 spikes at a 15% rate."""
+    torch.manual_seed(0)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    print(f"conv: for scale, a 2048^3 fp32 matmul (MKL) runs at {2 * 2048**3 / median_s(lambda: a @ b, 5) / 1e9:.0f} "
+          "GFLOP/s")  # fmt: skip
+    n = 32
+    for cin, cout, hw, stride in ((128, 128, 28, 1), (128, 256, 28, 2), (256, 256, 14, 1), (512, 512, 7, 1)):
+        out_hw = (hw - 1) // stride + 1
+        x = (torch.rand(n, cin, hw, hw) < 0.15).float()
+        w = torch.randn(cout, cin, 3, 3) * 0.05
+        g = torch.randn(n, cout, out_hw, out_hw)
+        gflop = 2 * n * cout * cin * 9 * out_hw * out_hw / 1e9  # forward; the backward does twice this
+        for name, (fwd, bwd) in _conv_kernels(x, w, g, stride).items():
+            f, b = median_s(fwd, 5, warmup=1), median_s(bwd, 5, warmup=1)
+            print(f"conv: {cin}->{cout} {hw}x{hw} stride {stride} N={n} {name}: forward {f * 1e3:.1f} ms "
+                  f"({gflop / f:.0f} GFLOP/s), backward {b * 1e3:.1f} ms ({2 * gflop / b:.0f} GFLOP/s)")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("step", "eval", "lif", "ops"))
+    p.add_argument("what", choices=("step", "eval", "lif", "ops", "conv"))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=float, default=0.125)
     p.add_argument("--contiguous", action="store_true", help="contiguous instead of channels_last")
@@ -105,6 +147,8 @@ def main() -> None:
         evaluate(args.width)
     elif args.what == "lif":
         lif()
+    elif args.what == "conv":
+        conv()
     else:
         ops()
 

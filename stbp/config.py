@@ -398,7 +398,7 @@ class RunConfig(_Section):
     amp: str = "auto"
     """Mixed precision: 'auto' (bf16 autocast on CUDA and on CPUs with native bf16), 'bf16' or 'off'."""
     compile: bool = False
-    """torch.compile the model (for CUDA: on an AVX2 CPU it made training about 5x slower; BENCHMARKS.md)."""
+    """torch.compile the model (for CUDA: on an AVX2 CPU it made training 5-6x slower; BENCHMARKS.md)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     output_dir: str = "runs/default"

@@ -134,7 +134,7 @@ class _Trainer:
             )
         if cfg.run.compile and self.device.type == "cpu" and env.is_primary:
             warnings.warn(
-                "compile=true on a CPU: torch.compile (inductor) made this model's training step about 5x slower "
+                "compile=true on a CPU: torch.compile (inductor) made this model's training step 5-6x slower "
                 "than eager on an AVX2 CPU (torch 2.14; BENCHMARKS.md). It is meant for CUDA.",
                 stacklevel=2,
             )

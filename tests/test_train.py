@@ -63,7 +63,7 @@ def test_checkpoints_load_safely_and_rebuild_the_model(tmp_path, data_dir):
 def test_compile_trains_like_eager_and_warns_on_cpu(tmp_path, data_dir, monkeypatch):
     """``compile=true`` end to end: dynamo traces the whole step (our autograd Functions included) and training
     matches eager. The backend is ``aot_eager`` (the same graphs, run by aten) because inductor's C++ codegen
-    costs minutes of CI; on a CPU the run warns that compile is for CUDA (inductor measured ~5x slower here)."""
+    costs minutes of CI; on a CPU the run warns that compile is for CUDA (inductor measured 5-6x slower here)."""
     eager = train(tiny(tmp_path / "eager", data_dir, epochs=1))
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="aot_eager", **kw))
