@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -918,10 +919,34 @@ def _start_ray(address: str | None) -> None:
     )
 
 
+# Where the dashboard's port is drawn from: above Ray's worker ports (10002-19999 by default) and below the
+# kernel's ephemeral range (32768-60999 on Linux by default), where the dozens of sockets that Ray and its
+# neighbours bind to port 0 while the dashboard starts land. A port picked with bind(0) is free when picked but
+# in that very range: a CI run lost it to another socket in the seconds before the dashboard bound it.
+_DASHBOARD_PORTS = range(20000, 32768)
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, outside the range the kernel hands out by itself (see _DASHBOARD_PORTS)."""
+    low, _ = _ephemeral_ports()
+    ports = [p for p in _DASHBOARD_PORTS if p < low] or list(_DASHBOARD_PORTS)
+    for port in random.Random().sample(ports, min(64, len(ports))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SweepError(f"no free port on 127.0.0.1 in {ports[0]}-{ports[-1]} for the Ray dashboard")
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's ephemeral port range (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 def _best_config(sweep: Sweep, row: TrialRow, record: SweepRecord) -> Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -366,3 +367,19 @@ def test_tune_py_reports_a_bad_sweep_file_and_exits_2_without_starting_ray(tmp_p
     assert "error: " in proc.stderr and "space.v_th: loguniform needs low > 0" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+@pytest.mark.skipif(not PORT_RANGE.exists(), reason="Linux only")
+def test_dashboard_port_is_free_and_outside_the_ports_the_kernel_hands_out():
+    from stbp.sweep import _ephemeral_ports, _free_port
+
+    low, high = _ephemeral_ports()
+    assert (low, high) == tuple(int(p) for p in PORT_RANGE.read_text().split())
+    ports = {_free_port() for _ in range(20)}
+    assert all(20000 <= p < 32768 and not low <= p <= high for p in ports), ports  # nor Ray's worker ports
+    assert len(ports) > 1  # drawn at random, not a fixed port two sweeps on one machine would share
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # free when returned
