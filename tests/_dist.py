@@ -7,9 +7,8 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One free port, chosen as :func:`free_ports` chooses (not ``bind(0)``: see there)."""
+    return free_ports(1)[0]
 
 
 _HANDED_OUT: set[int] = set()  # never hand the same port out twice in one test process
