@@ -17,10 +17,8 @@ import difflib
 import json
 import math
 import os
-import random
 import re
 import shutil
-import socket
 import tempfile
 import typing
 from collections.abc import Mapping
@@ -41,6 +39,7 @@ from .config import (
     load_yaml,
     parse_cli,
 )
+from .ports import free_port
 from .sweep_mlflow import (
     STATE_FILE,
     SweepCallback,
@@ -907,7 +906,10 @@ def _start_ray(address: str | None) -> None:
     # serves. Workers find that API through RAY_API_SERVER_ADDRESS, else by guessing (RAY_ADDRESS,
     # /tmp/ray/ray_current_cluster, any GCS process), which can pick another cluster on this machine.
     # (Ray 2.60 still binds its GCS and raylet on every interface; its token auth is what guards them.)
-    port = _free_port()
+    try:
+        port = free_port()
+    except OSError as exc:
+        raise SweepError(f"{exc} for the Ray dashboard") from None
     ray.init(
         address="local",
         num_cpus=os.cpu_count(),
@@ -917,36 +919,6 @@ def _start_ray(address: str | None) -> None:
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     )
-
-
-# Where the dashboard's port is drawn from: above Ray's worker ports (10002-19999 by default) and below the
-# kernel's ephemeral range (32768-60999 on Linux by default), where the dozens of sockets that Ray and its
-# neighbours bind to port 0 while the dashboard starts land. A port picked with bind(0) is free when picked but
-# in that very range: a CI run lost it to another socket in the seconds before the dashboard bound it.
-_DASHBOARD_PORTS = range(20000, 32768)
-
-
-def _free_port() -> int:
-    """A port free on 127.0.0.1 now, outside the range the kernel hands out by itself (see _DASHBOARD_PORTS)."""
-    low, _ = _ephemeral_ports()
-    ports = [p for p in _DASHBOARD_PORTS if p < low] or list(_DASHBOARD_PORTS)
-    for port in random.Random().sample(ports, min(64, len(ports))):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SweepError(f"no free port on 127.0.0.1 in {ports[0]}-{ports[-1]} for the Ray dashboard")
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    """The kernel's ephemeral port range (Linux; the IANA range elsewhere)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 49152, 65535
 
 
 def _best_config(sweep: Sweep, row: TrialRow, record: SweepRecord) -> Config:

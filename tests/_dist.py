@@ -1,13 +1,13 @@
 """Helpers to run a function on several gloo ranks in spawned processes (127.0.0.1 rendezvous only)."""
 
-import socket
-
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from stbp import ports
+
 
 def free_port() -> int:
-    """One free port, chosen as :func:`free_ports` chooses (not ``bind(0)``: see there)."""
+    """One free port (:func:`stbp.ports.free_port`: below the ephemeral range, not ``bind(0)``)."""
     return free_ports(1)[0]
 
 
@@ -15,28 +15,13 @@ _HANDED_OUT: set[int] = set()  # never hand the same port out twice in one test 
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports below Linux's ephemeral range (32768+), so that no port the OS or a server hands
-    out on its own (Ray picks some of its ports itself) can land on one of them between choice and use."""
-    import random
-
-    rng = random.Random()
-    chosen, held = [], []
-    try:
-        while len(chosen) < n:
-            port = rng.randrange(20000, 32000)
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                s.close()
-                continue
-            held.append(s)
-            if port not in _HANDED_OUT:
-                _HANDED_OUT.add(port)
-                chosen.append(port)
-    finally:
-        for s in held:
-            s.close()
+    """``n`` distinct ports, each free when chosen by :func:`stbp.ports.free_port`, none handed out before."""
+    chosen: list[int] = []
+    while len(chosen) < n:
+        port = ports.free_port()
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            chosen.append(port)
     return chosen
 
 

@@ -374,11 +374,11 @@ PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 @pytest.mark.skipif(not PORT_RANGE.exists(), reason="Linux only")
 def test_dashboard_port_is_free_and_outside_the_ports_the_kernel_hands_out():
-    from stbp.sweep import _ephemeral_ports, _free_port
+    from stbp.ports import ephemeral_ports, free_port
 
-    low, high = _ephemeral_ports()
+    low, high = ephemeral_ports()
     assert (low, high) == tuple(int(p) for p in PORT_RANGE.read_text().split())
-    ports = {_free_port() for _ in range(20)}
+    ports = {free_port() for _ in range(20)}
     assert all(20000 <= p < 32768 and not low <= p <= high for p in ports), ports  # nor Ray's worker ports
     assert len(ports) > 1  # drawn at random, not a fixed port two sweeps on one machine would share
     with socket.socket() as s:
