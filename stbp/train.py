@@ -349,7 +349,6 @@ class _Trainer:
             f"{self.device}, {'bf16 autocast' if self.amp_dtype else 'fp32'}, "
             f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters"
         )
-        rates = cfg.run.firing_rates  # counted during evaluation only: training steps pay nothing for them
         stopped_early = False
         try:
             for epoch in range(self.start_epoch, cfg.run.epochs):
@@ -358,7 +357,7 @@ class _Trainer:
                     break
                 t0 = time.perf_counter()
                 metrics = self._train_epoch(epoch)
-                metrics.update(self.evaluate("val", rates))
+                metrics.update(self.evaluate("val", cfg.run.firing_rates))  # counted in evaluation only
                 metrics["epoch_time_s"] = time.perf_counter() - t0
                 metrics["epoch"] = epoch + 1
                 improved = metrics["val_loss"] < self.best_val_loss
@@ -385,20 +384,20 @@ class _Trainer:
             else:
                 stopped_early = bool(cfg.run.patience and self.bad_epochs >= cfg.run.patience
                                      and len(self.history) < cfg.run.epochs)
-            summary = self._finish(rates, stopped_early)
+            summary = self._finish(stopped_early)
         except BaseException:
             if env.is_primary and self.tracker.run_id and getattr(self.tracker, "owns_run", False):
                 self.tracker.finish("FAILED")
             raise
         return summary
 
-    def _finish(self, rates: bool, stopped_early: bool) -> dict[str, Any]:
+    def _finish(self, stopped_early: bool) -> dict[str, Any]:
         env = self.env
         if not self.history:
             raise RuntimeError("no epoch was trained (is the run already complete? see summary.json)")
         best = read_checkpoint(self.ckpt_dir / "best.pt", map_location=self.device)  # shared storage
         self.raw_model.load_state_dict(best["model"])
-        test = self.evaluate("test", rates)
+        test = self.evaluate("test", self.cfg.run.firing_rates)
         rates = {k[len("firing_rate/") :]: v for k, v in test.items() if k.startswith("firing_rate/")}
         summary = {
             "test_acc": test["test_acc"],
