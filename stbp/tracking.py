@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "TrackingError", "default_tracking_uri", "resolve_tracking_uri", "check_tracking_uri", "Tracker", "NullTracker",
-    "make_tracker",
+    "TrackingError", "default_tracking_uri", "resolve_tracking_uri", "check_tracking_uri", "experiment_id", "Tracker",
+    "NullTracker", "make_tracker",
 ]
 
 # Never log these as params or tags, wherever they come from.
@@ -58,6 +58,24 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             f"MLflow tracking server {uri} is unreachable ({e}); start it, fix --tracking_uri, "
             "or unset it to use the local store"
         ) from e
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment ``name``: restored if deleted, created if missing (by whichever process is
+    first: another may create it at the same moment)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:  # the tag says "training runs" to MLflow 3's UI (it otherwise assumes GenAI traces)
+            return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
 
 
 def git_commit() -> str | None:
@@ -101,15 +119,7 @@ class Tracker(NullTracker):
         self.pending_path = pending_path
         self.owns_run = run_id is None
         if run_id is None:
-            exp = self.client.get_experiment_by_name(experiment)
-            if exp is None:
-                try:
-                    exp_id = self.client.create_experiment(experiment)
-                except Exception:  # created concurrently by another process
-                    exp_id = self.client.get_experiment_by_name(experiment).experiment_id
-            else:
-                exp_id = exp.experiment_id
-            run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+            run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
         else:
             self.run_id = run_id
@@ -133,11 +143,6 @@ class Tracker(NullTracker):
                     fh.write(json.dumps({"what": what, "time": time.time(), **(record or {})}) + "\n")
                 return
             self._pending.pop(0)
-
-    @property
-    def pending(self) -> int:
-        """Calls that have not reached the store yet."""
-        return len(self._pending)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
