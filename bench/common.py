@@ -10,7 +10,6 @@ import contextlib
 import datetime
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,24 +89,15 @@ def machine_info(device: torch.device | None = None) -> dict:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a gloo rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now, below the kernel's ephemeral range (for a gloo rendezvous)."""
+    from stbp.ports import free_port
+
+    return free_port()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training steps and timing
 # ----------------------------------------------------------------------------------------------------------
-
-
-def autocast(device: torch.device, precision: str):
-    """``bf16``: bf16 autocast on ``device``; ``fp32``: nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
-    return contextlib.nullcontext()
 
 
 def sync(device: torch.device) -> None:
@@ -124,22 +113,22 @@ def make_train_step(
     before: Callable[[], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Callable[[], None]:
-    """One training step exactly as ``stbp.train`` runs it: forward under (optional) autocast, cross-entropy in
-    fp32, ``zero_grad(set_to_none)``, backward, Adam step. ``before`` runs first (SpikingJelly's reset_net)."""
+    """One training step exactly as ``stbp.train`` runs it (:func:`stbp.train.train_step`: forward under optional
+    bf16 autocast, cross-entropy in fp32, backward, Adam step), then a device sync. ``before`` runs first
+    (SpikingJelly's reset_net)."""
+    from stbp.train import train_step
+
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=1e-3)
-    device = x.device
+    amp = {"bf16": torch.bfloat16, "fp32": None}.get(precision, "bad")
+    if amp == "bad":
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     model.train()
 
     def step() -> None:
         if before is not None:
             before()
-        with autocast(device, precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
+        train_step(model, opt, x, y, amp)
+        sync(x.device)
 
     return step
 

@@ -7,14 +7,20 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
     model_kwargs  the keyword arguments of :func:`stbp.resnet19` that rebuild the network
     model         the unwrapped model's state_dict
     config        the resolved training config (nested dict, see :mod:`stbp.config`)
-    optimizer, scheduler, epoch (epochs completed), early_stopping, best_val_acc, metrics (one dict per epoch),
+    optimizer, epoch (epochs completed), early_stopping, best_val_acc, metrics (one dict per epoch),
     rng, mlflow_run_id
+
+A run's checkpoints live in a :class:`CheckpointDir`, the only code that knows their file names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,7 @@ import torch
 
 from .model import MODEL_KWARGS, resnet19
 
-__all__ = ["CheckpointError", "FORMAT", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointDir", "FORMAT", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
 
 FORMAT = "stbp/1"
 
@@ -86,3 +92,58 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu"):
     state = read_checkpoint(path, map_location)
     model = build_model_from_checkpoint(state).eval()
     return model, config_from_dict(state["config"])
+
+
+class CheckpointDir:
+    """A run's ``checkpoints/`` directory: ``last.pt`` (the previous one kept as ``last.prev.pt``, the fallback
+    should ``last.pt`` be damaged) and ``best.pt``."""
+
+    FILES = ("last.pt", "best.pt")  # what a copy (a Ray checkpoint) carries
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.last, self.prev, self.best = (self.path / n for n in ("last.pt", "last.prev.pt", "best.pt"))
+
+    def save(self, state: dict[str, Any], best: bool) -> None:
+        """``state`` as the new last.pt (and best.pt when ``best``), each written atomically."""
+        if self.last.exists():
+            os.replace(self.last, self.prev)
+        save_checkpoint(state, self.last)
+        if best:
+            save_checkpoint(state, self.best)
+
+    def load_latest(self) -> tuple[dict[str, Any], Path] | None:
+        """The newest readable of last.pt and last.prev.pt (with a warning when it falls back), or None."""
+        candidates = [p for p in (self.last, self.prev) if p.exists()]
+        for i, path in enumerate(candidates):
+            try:
+                return read_checkpoint(path), path
+            except CheckpointError as e:
+                if i + 1 == len(candidates):
+                    raise
+                warnings.warn(f"{e}; falling back to the previous checkpoint {candidates[i + 1]}", stacklevel=2)
+        return None
+
+    def copy_to(self, target: str | os.PathLike) -> None:
+        """Copy last.pt and best.pt (those present) into ``target``, each atomically: DDP ranks on one node may
+        copy at once."""
+        target = Path(target)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in self.FILES:
+            if (self.path / name).exists():
+                fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{name}.")
+                os.close(fd)
+                shutil.copy2(self.path / name, tmp)
+                os.replace(tmp, target / name)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Path]:
+        """A temporary copy of the checkpoints, for a store that moves or deletes what it is given (Ray)."""
+        with tempfile.TemporaryDirectory(prefix="stbp-ckpt-") as tmp:
+            self.copy_to(tmp)
+            yield Path(tmp)
+
+    def restore_from(self, source: str | os.PathLike) -> None:
+        """Make the checkpoints in ``source`` (a Ray checkpoint) this run's latest."""
+        self.prev.unlink(missing_ok=True)  # a last.prev.pt newer than the restored last.pt would be a wrong fallback
+        CheckpointDir(source).copy_to(self.path)

@@ -1,46 +1,78 @@
-"""Evaluate a checkpoint on the MNIST test set: accuracy and the mean firing rate of every spiking layer.
+"""Evaluation: loss, accuracy and the firing rate of every spiking layer, for training and for a checkpoint.
 
     python -m stbp.evaluate CHECKPOINT [--data_dir DIR] [--batch_size N] [--device cpu|cuda] [--chart PNG]
 
-Unlike the reference's ``test.py`` (one sample, module-global counters) this runs over the whole test set with a
-:class:`~stbp.monitor.FiringRateMonitor` and writes the per-layer chart next to the checkpoint by default.
+Unlike the reference's ``test.py`` (one sample, module-global counters), :func:`evaluate` runs over a whole split
+with a :class:`~stbp.monitor.FiringRateMonitor`, sums over ranks before dividing, and is the one evaluation that
+training (validation every epoch, test at the end) and this command share.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataNotFoundError, load_mnist, normalize
-from .monitor import FiringRateMonitor
+from .distributed import DistEnv, all_reduce_sum
+from .monitor import FiringRateMonitor, firing_rate_chart
 
-__all__ = ["evaluate_checkpoint", "main"]
+__all__ = ["evaluate", "evaluate_checkpoint", "main"]
 
 
 @torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], split: str, *, amp: torch.dtype | None = None,
+             env: DistEnv | None = None, firing_rates: bool = False) -> dict[str, float]:
+    """``{split}_loss``, ``{split}_acc`` (%) and, with ``firing_rates``, ``firing_rate/<layer>`` of ``model`` over
+    ``batches`` of normalised ``(x, y)`` on its device; sums and counts are reduced over the ranks of ``env``."""
+    model.eval()
+    dev = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    correct = torch.zeros((), device=dev, dtype=torch.float64)
+    count = 0
+    # The monitor's hooks live only for this evaluation, never during training steps.
+    with FiringRateMonitor(model) if firing_rates else contextlib.nullcontext() as monitor:
+        for x, y in batches:
+            with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+            count += y.shape[0]
+    parts = [loss_sum, correct, torch.tensor(float(count), device=dev, dtype=torch.float64)]
+    if monitor is not None:
+        spikes, counts = monitor.totals()
+        spikes = torch.zeros(len(counts), device=dev, dtype=torch.float64) if spikes is None else spikes
+        parts += [spikes.double(), torch.tensor(counts, device=dev, dtype=torch.float64)]
+    totals = torch.cat([p.reshape(-1) for p in parts])
+    totals = (all_reduce_sum(totals, env) if env is not None else totals).tolist()
+    n = totals[2]
+    out = {f"{split}_loss": totals[0] / n, f"{split}_acc": 100.0 * totals[1] / n}
+    if monitor is not None:
+        k = len(monitor.names)
+        for name, s, c in zip(monitor.names, totals[3 : 3 + k], totals[3 + k :]):
+            out[f"firing_rate/{name}"] = s / c if c else 0.0
+    return out
+
+
 def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000, device: str = "cpu",
                         limit: int | None = None) -> dict[str, Any]:
     """Test accuracy, loss and per-layer firing rates of a checkpoint (``limit``: first N test images only)."""
     model, cfg = load_checkpoint(path, map_location=device)
-    model = model.to(device, memory_format=torch.channels_last).eval()
+    model = model.to(device, memory_format=torch.channels_last)
     mnist = load_mnist(data_dir if data_dir is not None else cfg.data.data_dir, download=cfg.data.download)
     images, labels = mnist.test_images[:limit].to(device), mnist.test_labels[:limit].to(device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    with FiringRateMonitor(model) as monitor:
-        for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-            logits = model(normalize(x).contiguous(memory_format=torch.channels_last)).float()
-            loss += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-        rates = monitor.rates()
-    n = labels.numel()
-    return {"test_acc": 100.0 * correct.item() / n, "test_loss": loss.item() / n, "firing_rates": rates}
+    batches = ((normalize(x), y) for x, y in zip(images.split(batch_size), labels.split(batch_size)))
+    result = evaluate(model, batches, "test", firing_rates=True)
+    rates = {k.removeprefix("firing_rate/"): v for k, v in result.items() if k.startswith("firing_rate/")}
+    return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "firing_rates": rates}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(n) for n in result["firing_rates"])
     for name, rate in result["firing_rates"].items():
         print(f"  {name:<{width}}  {rate:.4f}  {'#' * round(rate * 100)}")
-    from .train import _firing_rate_chart
-
     chart = Path(args.chart) if args.chart else Path(args.checkpoint).with_suffix(".firing_rates.png")
-    if _firing_rate_chart(result["firing_rates"], chart) is not None:
+    if firing_rate_chart(result["firing_rates"], chart) is not None:
         print(f"chart: {chart}")
     return 0
 

@@ -8,12 +8,14 @@ sync.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
 from .neuron import LIF
 
-__all__ = ["FiringRateMonitor"]
+__all__ = ["FiringRateMonitor", "firing_rate_chart"]
 
 
 class FiringRateMonitor:
@@ -76,3 +78,25 @@ class FiringRateMonitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def firing_rate_chart(rates: dict[str, float], path: str | Path) -> Path | None:
+    """A bar chart of the mean firing rate per spiking layer (PNG), or None without rates or matplotlib."""
+    if not rates:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rates)), 4))
+    ax.bar(range(len(rates)), list(rates.values()), color="tab:blue")
+    ax.set_xticks(range(len(rates)), list(rates), rotation=70, ha="right", fontsize=8)
+    ax.set_ylabel("mean firing rate (spikes / neuron / step)")
+    ax.set_title("Firing rate per spiking layer (test set)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

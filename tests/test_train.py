@@ -45,7 +45,7 @@ def test_checkpoints_load_safely_and_rebuild_the_model(tmp_path, data_dir):
     ckpt = Path(summary["output_dir"]) / "checkpoints"
     for name in ("last.pt", "best.pt"):
         state = torch.load(ckpt / name, weights_only=True)
-        assert {"model", "optimizer", "scheduler", "epoch", "early_stopping", "rng", "config", "metrics"} <= set(state)
+        assert {"model", "optimizer", "epoch", "early_stopping", "rng", "config", "metrics"} <= set(state)
     model, cfg = load_checkpoint(ckpt / "best.pt")
     assert (cfg.model.v_th, cfg.model.aa) == (0.3, 0.6)
     assert all(lif.v_th == 0.3 for lif in model.modules() if hasattr(lif, "v_th") and hasattr(lif, "aa"))
