@@ -18,16 +18,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from stbp.config import build_config
-from stbp.sweep import (
-    TrialPlan,
-    _best_config,
-    _importances,
-    _restore_checkpoint,
-    _trial_config,
-    load_sweep,
-    sweep_yaml,
-)
-from stbp.sweep_mlflow import (
+from stbp.sweep import load_sweep, sweep_yaml
+from stbp.sweep.record import (
     PARENT_TAG,
     TRIAL_TAG,
     SweepCallback,
@@ -35,10 +27,10 @@ from stbp.sweep_mlflow import (
     child_run,
     collect_rows,
     fail_child,
-    format_table,
     open_sweep_record,
-    plot_landscape,
 )
+from stbp.sweep.report import best_config, format_table, importances, plot_landscape
+from stbp.sweep.trial import TrialPlan, restore_checkpoint, trial_config
 from tests._dist import free_port
 from tests._procs import cmdline, descendants, group_alive, start_mlflow_server, stop_group, wait_for
 
@@ -535,15 +527,15 @@ def test_a_ddp_trial_that_diverged_is_told_apart_from_one_that_crashed():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from stbp.sweep import _diverged_rank
+    from stbp.sweep.trial import diverged_rank
     from stbp.train import TrainingDiverged
 
     nan = TrainingDiverged("loss became NaN/Inf at epoch 2, step 5 (lr 1)", epoch=2, step=5, lr=1.0)
     diverged = WorkerGroupError("failed", {r: UserExceptionWithTraceback(nan, "Traceback ...") for r in (0, 1)})
-    found = _diverged_rank(pickle.loads(pickle.dumps(diverged)))
+    found = diverged_rank(pickle.loads(pickle.dumps(diverged)))
     assert isinstance(found, TrainingDiverged) and (found.epoch, found.step) == (2, 5)
     crashed = WorkerGroupError("failed", {1: UserExceptionWithTraceback(RuntimeError("CUDA out of memory"), "")})
-    assert _diverged_rank(pickle.loads(pickle.dumps(crashed))) is None
+    assert diverged_rank(pickle.loads(pickle.dumps(crashed))) is None
 
 
 def rows_for(n: int) -> list[TrialRow]:
@@ -557,16 +549,16 @@ def rows_for(n: int) -> list[TrialRow]:
 def test_landscape_plot_and_importances(tmp_path, sweep):
     rows = rows_for(6) + [TrialRow("x", "rx", {"v_th": 0.5, "aa": 0.5}, "FAILED", None, 0)]
     assert plot_landscape(rows, sweep, tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
-    importances = _importances(rows, sweep)
-    assert set(importances) == {"v_th", "aa"} and sum(importances.values()) == pytest.approx(1.0)
-    assert _importances(rows_for(3), sweep) is None  # too few trials to say
+    scores = importances(rows, sweep)
+    assert set(scores) == {"v_th", "aa"} and sum(scores.values()) == pytest.approx(1.0)
+    assert importances(rows_for(3), sweep) is None  # too few trials to say
 
 
 def test_best_config_is_ready_for_train_ddp(tmp_path, sweep, record):
     from stbp.config import save_yaml
 
     row = rows_for(1)[0]
-    save_yaml(_best_config(sweep, row, record), tmp_path / "best.yaml")
+    save_yaml(best_config(sweep, row, record), tmp_path / "best.yaml")
     cfg = build_config(yaml_path=tmp_path / "best.yaml")
     assert (cfg.model.v_th, cfg.model.aa) == (row.params["v_th"], row.params["aa"])
     assert cfg.run.epochs == sweep.train.run.epochs and cfg.model.width == sweep.train.model.width
@@ -574,11 +566,10 @@ def test_best_config_is_ready_for_train_ddp(tmp_path, sweep, record):
 
 
 def test_a_trials_config_points_its_outputs_and_run_at_the_trial(tmp_path, sweep, record):
-    from stbp.config import config_to_dict
-    from stbp.sweep import Resources
+    from stbp.sweep.spec import Resources
 
-    plan = TrialPlan(config_to_dict(sweep.train), str(tmp_path), record, Resources(), 1, "/data/mnist", sweep.metric)
-    cfg = _trial_config(plan, {"v_th": 0.7, "aa": 0.9}, tmp_path / "trial_x", "RUNID", "trial_x")
+    plan = TrialPlan(sweep.train, str(tmp_path), record, Resources(), 1, "/data/mnist", sweep.metric)
+    cfg = trial_config(plan, {"v_th": 0.7, "aa": 0.9}, tmp_path / "trial_x", "RUNID", "trial_x")
     assert (cfg.model.v_th, cfg.model.aa) == (0.7, 0.9)
     assert cfg.run.output_dir == str(tmp_path / "trial_x" / "train") and cfg.run.resume == "auto"
     assert cfg.tracking.run_id == "RUNID" and cfg.tracking.tracking_uri == record.tracking_uri
@@ -597,8 +588,8 @@ def test_a_restored_ray_checkpoint_replaces_the_trials_last_checkpoint(tmp_path,
     torch.save({"epoch": 4}, out / "last.pt")  # written after the checkpoint Ray knows of
     torch.save({"epoch": 4}, out / "last.prev.pt")
     cfg = build_config("tiny", overrides={"output_dir": str(tmp_path / "train")})
-    _restore_checkpoint(Checkpoint.from_directory(str(source)), cfg)
+    restore_checkpoint(Checkpoint.from_directory(str(source)), cfg)
     assert torch.load(out / "last.pt")["epoch"] == 3 and torch.load(out / "best.pt")["epoch"] == 2
     assert not (out / "last.prev.pt").exists()
-    _restore_checkpoint(None, cfg)  # a first attempt: nothing to restore
+    restore_checkpoint(None, cfg)  # a first attempt: nothing to restore
     assert torch.load(out / "last.pt")["epoch"] == 3

@@ -62,7 +62,7 @@ def error_of(path, **kwargs) -> str:
 @pytest.mark.parametrize("name", ["vth_aa.yaml", "smoke.yaml"])
 def test_shipped_sweeps_are_valid_and_contain_the_reference_point_with_room(name):
     sweep = load_sweep(ROOT / "sweeps" / name)
-    space = {p.name: p for p in sweep.space}
+    space = sweep.space
     assert set(space) == {"v_th", "aa"}
     for param, ref in (("v_th", 0.4), ("aa", 0.5)):
         assert space[param].low < ref < space[param].high  # room on both sides

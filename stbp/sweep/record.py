@@ -1,4 +1,4 @@
-"""The MLflow record of a sweep: one parent run per sweep, one nested child run per trial, and the report.
+"""The MLflow record of a sweep: one parent run per sweep, one nested child run per trial, read back as rows.
 
 Written with ``MlflowClient`` directly: Ray's MLflow callback keeps its trial-to-run map in memory and so
 creates duplicate runs when a sweep is restored. Here the parent is found again through the id saved in the
@@ -9,36 +9,24 @@ the runs that a trial cannot close itself (stopped early by ASHA, failed, interr
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from .tracking import TrackingError
+from ..tracking import TrackingError, experiment_id
 
 if TYPE_CHECKING:
-    from .sweep import Sweep
+    from .spec import Sweep
 
-__all__ = [
-    "SweepRecord",
-    "SweepCallback",
-    "TrialRow",
-    "open_sweep_record",
-    "child_run",
-    "fail_child",
-    "collect_rows",
-    "write_report",
-    "format_table",
-    "ui_hint",
-]
+__all__ = ["SweepRecord", "SweepCallback", "TrialRow", "open_sweep_record", "child_run", "fail_child", "collect_rows",
+           "mark_parent"]
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
@@ -65,16 +53,6 @@ class SweepRecord:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    # The tag says "training runs" to MLflow 3's UI (it otherwise assumes GenAI traces).
-    return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
-
-
 def open_sweep_record(sweep: Sweep, tracking_uri: str, sweep_dir: Path, resolved_yaml: Path) -> SweepRecord:
     """The sweep's parent run: found again through ``sweep_dir/mlflow_parent.json``, else created."""
     state = sweep_dir / STATE_FILE
@@ -91,7 +69,7 @@ def open_sweep_record(sweep: Sweep, tracking_uri: str, sweep_dir: Path, resolved
             ) from exc
         return record
     client = MlflowClient(tracking_uri)
-    exp_id = _experiment_id(client, sweep.experiment)
+    exp_id = experiment_id(client, sweep.experiment)
     scheduler = sweep.scheduler.type
     run = client.create_run(
         exp_id,
@@ -119,7 +97,7 @@ def open_sweep_record(sweep: Sweep, tracking_uri: str, sweep_dir: Path, resolved
 
 def _sweep_params(sweep: Sweep) -> dict[str, Any]:
     s = sweep
-    params: dict[str, Any] = {f"space.{p.name}": p.describe() for p in s.space}
+    params: dict[str, Any] = {f"space.{name}": p.describe() for name, p in s.space.items()}
     params.update(
         {
             "preset": s.train.preset,
@@ -234,8 +212,12 @@ class SweepCallback(tune.Callback):
                 client.set_terminated(run.info.run_id, "KILLED")
 
 
+def mark_parent(record: SweepRecord, status: str) -> None:
+    record.client().set_terminated(record.parent_run_id, status)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The report (driver, after the sweep)
+# Reading the record back
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -289,7 +271,7 @@ def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
             TrialRow(
                 trial_id=run.data.tags.get(TRIAL_TAG, "?"),
                 run_id=run.info.run_id,
-                params={p.name: _cast(p, run.data.params.get(p.name)) for p in sweep.space},
+                params={name: _cast(p, run.data.params.get(name)) for name, p in sweep.space.items()},
                 status=run.info.status,
                 value=best,
                 epochs=len({m.step for m in history}),
@@ -300,178 +282,4 @@ def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
     # A failed trial (e.g. diverged after a good epoch) never ranks above one that trained to its end.
     return sorted(
         rows, key=lambda r: (r.value is None, r.status == "FAILED", sign * (r.value or 0.0), r.trial_id)
-    )
-
-
-def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(
-            [
-                "rank",
-                "trial_id",
-                *sweep.param_names,
-                f"best_{sweep.metric}",
-                "epochs_run",
-                "status",
-                "run_id",
-                "error",
-            ]
-        )
-        for rank, r in enumerate(rows, 1):
-            out.writerow(
-                [
-                    rank,
-                    r.trial_id,
-                    *(r.params[n] for n in sweep.param_names),
-                    "" if r.value is None else r.value,
-                    r.epochs,
-                    r.outcome,
-                    r.run_id,
-                    r.error[-300:],
-                ]
-            )
-    return path
-
-
-def _axes_params(sweep: Sweep) -> list:
-    """v_th and aa when both are searched, else the first two searched parameters."""
-    by_name = {p.name: p for p in sweep.space}
-    if "v_th" in by_name and "aa" in by_name:
-        return [by_name["v_th"], by_name["aa"]]
-    return list(sweep.space[:2])
-
-
-def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path | None:
-    """Every trial at its (x, y) searched values, coloured by its metric; the best one starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    axes = _axes_params(sweep)
-
-    def coord(param, value):  # choices are drawn at their index
-        return param.values.index(value) if param.type == "choice" and value in param.values else value
-
-    def xy(row):
-        x = coord(axes[0], row.params[axes[0].name])
-        y = coord(axes[1], row.params[axes[1].name]) if len(axes) > 1 else row.value
-        return x, y
-
-    scored = [r for r in rows if r.value is not None and None not in r.params.values()]
-    if not scored:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 5.5))
-    markers = {"finished": "o", "stopped early": "v"}
-    values = [r.value for r in scored]
-    for outcome in sorted({r.outcome for r in scored}):
-        group = [r for r in scored if r.outcome == outcome]
-        pts = [xy(r) for r in group]
-        sc = ax.scatter(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            c=[r.value for r in group],
-            cmap="viridis",
-            vmin=min(values),
-            vmax=max(values),
-            s=70,
-            marker=markers.get(outcome, "s"),
-            edgecolors="k",
-            linewidths=0.5,
-            label=outcome,
-        )
-    fig.colorbar(sc, ax=ax, label=f"best {sweep.metric}")
-    best = scored[0]
-    bx, by = xy(best)
-    ax.scatter(
-        [bx],
-        [by],
-        marker="*",
-        s=400,
-        facecolors="none",
-        edgecolors="red",
-        linewidths=2,
-        label=f"best: {sweep.metric} {best.value:.4g}",
-    )
-    setters = (
-        (ax.set_xlabel, ax.set_xscale, ax.set_xlim, ax.set_xticks),
-        (ax.set_ylabel, ax.set_yscale, ax.set_ylim, ax.set_yticks),
-    )
-    for param, (label, scale, limits, ticks) in zip(axes, setters, strict=False):
-        label(param.name)
-        if param.type == "choice":
-            ticks(range(len(param.values)), [str(v) for v in param.values])
-        elif param.type == "loguniform":
-            scale("log")
-            limits(param.low, param.high)
-        else:  # the whole searched range: the landscape also shows where nothing was tried
-            margin = 0.03 * (param.high - param.low)
-            limits(param.low - margin, param.high + margin)
-    if len(axes) == 1:
-        ax.set_ylabel(sweep.metric)
-    title_axes = " x ".join(p.name for p in axes)
-    ax.set_title(f"Sweep {sweep.name}: {title_axes} landscape ({len(scored)} trials)")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(
-    record: SweepRecord,
-    rows: Sequence[TrialRow],
-    sweep: Sweep,
-    files: Sequence[Path],
-    importances: dict[str, float] | None,
-) -> None:
-    """Log the best trial, the report files and the importances on the parent run, and close it FINISHED."""
-    client = record.client()
-    parent = record.parent_run_id
-    for path in files:
-        client.log_artifact(parent, str(path), "report")
-    metrics = [Metric(f"importance.{k}", float(v), 0, 0) for k, v in (importances or {}).items()]
-    best = rows[0] if rows and rows[0].value is not None else None
-    tags = [RunTag("trials", str(len(rows)))]
-    if best is not None:
-        metrics.append(Metric(f"best_{sweep.metric}", best.value, 0, 0))
-        tags += [RunTag("best_run_id", best.run_id), RunTag("best_trial_id", best.trial_id)]
-        params = [Param(f"best.{k}", str(v)) for k, v in best.params.items()]
-        existing = client.get_run(parent).data.params
-        if all(existing.get(p.key, p.value) == p.value for p in params):  # params cannot change once logged
-            client.log_batch(parent, params=[p for p in params if p.key not in existing])
-        else:
-            tags += [RunTag(p.key, p.value) for p in params]
-    client.log_batch(parent, metrics=metrics, tags=tags)
-    client.set_terminated(parent, "FINISHED")
-
-
-def mark_parent(record: SweepRecord, status: str) -> None:
-    record.client().set_terminated(record.parent_run_id, status)
-
-
-def format_table(rows: Sequence[TrialRow], sweep: Sweep) -> str:
-    """The ranked trials as a plain-text table."""
-    names = sweep.param_names
-    header = ["rank", "trial", *names, f"best {sweep.metric}", "epochs", "status"]
-    body = []
-    for rank, r in enumerate(rows, 1):
-        vals = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.params[n] for n in names)]
-        value = "-" if r.value is None else f"{r.value:.4g}"
-        body.append([str(rank), r.trial_id, *vals, value, str(r.epochs), r.outcome])
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def ui_hint(record: SweepRecord) -> str:
-    """How to open this sweep in the MLflow UI (its runs table: MLflow 3 otherwise opens a GenAI view)."""
-    page = f"/#/experiments/{record.experiment_id}/runs"
-    if record.tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow UI: {record.tracking_uri.rstrip('/')}{page}"
-    return (
-        f"MLflow UI: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000\n"
-        f"           then open http://127.0.0.1:5000{page}"
     )

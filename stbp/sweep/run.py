@@ -1,0 +1,251 @@
+"""Running a sweep: pre-flight checks (everything that can refuse does so before Ray starts), a private local Ray
+cluster (or the one given), Optuna's searcher and ASHA under Ray Tune, then the report.
+
+    sweep = load_sweep("sweeps/vth_aa.yaml", train_cli=["--epochs", "2"])  # validated; nothing started
+    run_sweep(sweep)                                                        # Ray, trials, MLflow, report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from ..ports import free_port
+from ..tracking import check_tracking_uri, resolve_tracking_uri
+from .record import STATE_FILE, SweepCallback, collect_rows, mark_parent, open_sweep_record
+from .report import report
+from .spec import Resources, Sweep, SweepError, sweep_to_dict, sweep_yaml
+from .trial import TrialPlan, stbp_trial, trial_dirname, trial_resources
+
+__all__ = ["run_sweep", "SWEEP_FILE"]
+
+#: The resolved sweep, saved in its Ray experiment directory: a resume must match it.
+SWEEP_FILE = "sweep.yaml"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SweepError(message)
+
+
+def _searcher(sweep: Sweep):
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune reports the trials already
+    s = sweep.search
+    sampler_cls = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}[s.sampler]
+    searcher = OptunaSearch(
+        space={name: p.distribution() for name, p in sweep.space.items()},
+        metric=sweep.metric,
+        mode=sweep.mode,
+        points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None,
+        sampler=sampler_cls(seed=s.seed),
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
+
+
+def _scheduler(sweep: Sweep):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sweep.scheduler.type == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",  # not Tune's iteration count, which a retried DDP trial restarts
+        # ASHA puts rungs up to and including its max_t; ours lie below max_t, so that no rung sits on a
+        # trial's last epoch, where stopping it would save nothing but its test evaluation.
+        max_t=sweep.max_t - 1,
+        grace_period=sweep.scheduler.grace_period,
+        reduction_factor=sweep.scheduler.reduction_factor,
+        # A trial past the last rung runs to its end (test accuracy, FINISHED) rather than being stopped.
+        stop_last_trials=False,
+    )
+
+
+def _tuner(sweep: Sweep, plan: TrialPlan, sweep_dir: Path, resume: bool):
+    from ray import tune
+
+    # Tune warns whenever checkpoints force frequent state snapshots: here that is by design (exact resume).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trainable = tune.with_resources(
+        tune.with_parameters(stbp_trial, plan=plan), trial_resources(sweep.resources)
+    )
+    if resume and tune.Tuner.can_restore(str(sweep_dir)):
+        # Finished trials stay finished; the searcher's state and the callbacks come back from the directory.
+        # (Tune keeps no scheduler state: ASHA's rungs start empty again, so it stops less right after.)
+        return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric,
+            mode=sweep.mode,
+            search_alg=_searcher(sweep),
+            scheduler=_scheduler(sweep),
+            num_samples=sweep.search.num_samples,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.name,
+            storage_path=str(sweep_dir.parent),
+            callbacks=[SweepCallback(plan.record)],
+            failure_config=tune.FailureConfig(max_failures=sweep.failures.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.checkpoints.num_to_keep),
+            verbose=1,
+        ),
+    )
+
+
+def _check_sweep_dir(sweep: Sweep, sweep_dir: Path, resume: bool, tracking_uri: str) -> None:
+    saved = sweep_dir / SWEEP_FILE
+    if not resume:
+        # Started = it has its MLflow parent (or Tune state): a sweep that stopped before is not one.
+        started = (sweep_dir / STATE_FILE).exists() or any(sweep_dir.glob("experiment_state-*.json"))
+        _require(
+            not started,
+            f"a sweep named {sweep.name!r} already exists in {sweep_dir}: pass --resume to continue it, or "
+            "start afresh with another --storage (or after deleting that directory)",
+        )
+        return
+    _require(saved.is_file(), f"nothing to resume: no sweep {sweep.name!r} in {sweep_dir} (see --storage)")
+    before, now = yaml.safe_load(saved.read_text()), sweep_to_dict(sweep)
+    changed = [k for k in now if before.get(k) != now[k]]
+    _require(
+        not changed,
+        f"the sweep differs from the one in {sweep_dir} in {', '.join(changed)}: resume it with the same "
+        "sweep file and options",
+    )
+    state = sweep_dir / STATE_FILE
+    recorded = json.loads(state.read_text())["tracking_uri"] if state.is_file() else tracking_uri
+    _require(
+        recorded == tracking_uri,
+        f"this sweep is recorded in {recorded}, not {tracking_uri}: resume it from the directory it started "
+        f"in, or pass --tracking_uri {recorded}",
+    )
+
+
+def _check_local_resources(res: Resources) -> None:
+    """A local cluster is this machine: refuse a trial that could never be placed on it."""
+    cpus = os.cpu_count() or 1
+    _require(
+        res.workers * res.cpus <= cpus,
+        f"a trial needs resources.workers x resources.cpus = {res.workers * res.cpus:g} CPUs but this "
+        f"machine has {cpus}; lower them, or join a bigger cluster with --address",
+    )
+    if res.gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        _require(
+            gpus > 0,
+            f"resources.gpus is {res.gpus:g} but this machine has no GPU: set resources.gpus: 0 to train on "
+            "CPUs, or join a cluster with GPUs with --address",
+        )
+        _require(
+            res.workers * res.gpus <= gpus,
+            f"a trial needs resources.workers x resources.gpus = {res.workers * res.gpus:g} GPUs but this "
+            f"machine has {gpus}",
+        )
+
+
+def _check_data(train) -> None:
+    """MNIST where the trials will look, fetched here once if allowed (not by every trial at once)."""
+    from ..data import DataNotFoundError, load_mnist
+
+    try:
+        load_mnist(train.data.data_dir, download=train.data.download)
+    except DataNotFoundError as exc:
+        raise SweepError(f"the trials would find no MNIST: {exc}") from None
+
+
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    if address:
+        ray.init(address=address)
+        return
+    # address="local": a private cluster, never a stray one left by `ray start` on this machine. Its
+    # dashboard stays on, on 127.0.0.1: Ray Train frees a stopped trial's workers through the state API it
+    # serves. Workers find that API through RAY_API_SERVER_ADDRESS, else by guessing (RAY_ADDRESS,
+    # /tmp/ray/ray_current_cluster, any GCS process), which can pick another cluster on this machine.
+    # (Ray 2.60 still binds its GCS and raylet on every interface; its token auth is what guards them.)
+    try:
+        port = free_port()
+    except OSError as exc:
+        raise SweepError(f"{exc} for the Ray dashboard") from None
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    storage: str | os.PathLike | None = None,
+) -> int:
+    """Run (or with ``resume`` continue) a sweep; returns the exit status (0 done, 130 interrupted).
+
+    Everything that can refuse does so before Ray starts. ``storage`` holds the Ray experiment directories
+    (default ``./ray_results``); ``address`` joins an existing Ray cluster instead of starting a local one.
+    """
+    import ray
+
+    from ..data import resolve_data_dir
+
+    tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri)
+    check_tracking_uri(tracking_uri)
+    sweep_dir = Path(storage or "ray_results").expanduser().resolve() / sweep.name
+    _check_sweep_dir(sweep, sweep_dir, resume, tracking_uri)
+    if not address:
+        _check_local_resources(sweep.resources)
+        _check_data(sweep.train)
+    elif not tracking_uri.startswith(("http://", "https://")):
+        print(
+            f"[sweep] warning: trials on other nodes cannot write to {tracking_uri}; give --tracking_uri "
+            "of an MLflow tracking server (and --storage on storage all nodes share)"
+        )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    saved = sweep_dir / SWEEP_FILE
+    if not resume:
+        saved.write_text(sweep_yaml(sweep))
+    record = open_sweep_record(sweep, tracking_uri, sweep_dir, saved)
+    plan = TrialPlan(
+        base=sweep.train,
+        sweep_dir=str(sweep_dir),
+        record=record,
+        resources=sweep.resources,
+        keep_checkpoints=sweep.checkpoints.num_to_keep,
+        data_dir=str(resolve_data_dir(sweep.train.data.data_dir)),
+        metric=sweep.metric,
+    )
+    try:
+        _start_ray(address)
+        _tuner(sweep, plan, sweep_dir, resume).fit()
+    except BaseException:
+        mark_parent(record, "FAILED")  # a --resume reopens it
+        raise
+    finally:
+        ray.shutdown()
+    # MLflow, not Tune's result grid, tells whether every trial ended: Tune marks the trials it stops on
+    # an interrupt as terminated too.
+    rows = collect_rows(record, sweep)
+    done = sum(row.ended for row in rows)
+    if done < sweep.search.num_samples:
+        mark_parent(record, "KILLED")
+        print(
+            f"\nSweep {sweep.name!r} interrupted after {done} of {sweep.search.num_samples} trials; continue "
+            f"it with the same command plus --resume (its state is in {sweep_dir})."
+        )
+        return 130
+    return report(sweep, record, rows, sweep_dir)
