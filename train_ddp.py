@@ -1,8 +1,10 @@
 """Train the spiking ResNet-19 on MNIST: ``python train_ddp.py`` or ``torchrun --nproc-per-node=N train_ddp.py``.
 
     train_ddp.py [--config FILE.yaml] [--preset NAME] [--field value ...]
+    train_ddp.py --help | --schema
 
-Every config field can be given as ``--field value`` (dashes or underscores); ``--help-fields`` lists them.
+Every config field can be given as ``--field value`` (dashes or underscores, or dotted: ``--model.v_th``);
+``--help`` lists them with their defaults, ``--schema`` prints the JSON Schema of a config file.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 
 
 def parse_args(argv: list[str]):
-    from stbp.config import ConfigError, build_config, field_names, preset_names
+    from stbp.config import ConfigError, build_config, preset_names
 
     config_path = preset = None
     rest: list[str] = []
@@ -26,12 +28,19 @@ def parse_args(argv: list[str]):
                 config_path = value
             else:
                 preset = value
-        elif arg in ("-h", "--help"):
+        elif arg in ("-h", "--help", "--help-fields"):
+            from stbp.schema import fields_help
+
             print(__doc__)
-            print("presets:", ", ".join(preset_names()))
+            print("presets (stbp/presets/):", ", ".join(preset_names()))
+            print(fields_help())
             sys.exit(0)
-        elif arg == "--help-fields":
-            print("fields:", ", ".join(field_names()))
+        elif arg == "--schema":
+            import json
+
+            from stbp.schema import train_schema
+
+            print(json.dumps(train_schema(), indent=2))
             sys.exit(0)
         else:
             rest.append(arg)

@@ -2,6 +2,7 @@
 
     python tune.py --sweep sweeps/vth_aa.yaml [--address ADDR] [--resume] [--storage DIR]
                    [--tracking_uri URI] [--num_samples N] [--field value ...]
+    python tune.py --schema        # the JSON Schema of a sweep file (sweeps/sweep.schema.json)
 
 ``--field value`` overrides the base training config of every trial (e.g. ``--epochs 2``); the sweep file
 (validated before anything starts) is documented in sweeps/vth_aa.yaml.
@@ -17,7 +18,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--sweep", required=True, help="the sweep file (YAML)")
+    parser.add_argument("--sweep", help="the sweep file (YAML)")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema of a sweep file and exit")
     parser.add_argument(
         "--address", help="join this Ray cluster (default: start a local one on this machine)"
     )
@@ -38,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     from stbp.tracking import TrackingError
 
     args, train_cli = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.schema:
+        import json
+
+        from stbp.schema import sweep_schema
+
+        print(json.dumps(sweep_schema(), indent=2))
+        return 0
+    if not args.sweep:
+        print("error: --sweep FILE is required (see --help)", file=sys.stderr)
+        return 2
     try:
         sweep = load_sweep(args.sweep, train_cli, args.num_samples, args.tracking_uri)
         return run_sweep(sweep, address=args.address, resume=args.resume, storage=args.storage)
