@@ -1,4 +1,4 @@
-"""Micro-benchmarks behind the cpu-preset figures in BENCHMARKS.md (section 0 and "Training accuracy").
+"""Micro-benchmarks behind the cpu-preset figures in BENCHMARKS.md ("Current figures" and "Analysis").
 
     python bench/micro.py step [--batch 128] [--width 0.125] [--contiguous] [--compile]  # a training step, median of 6
     python bench/micro.py eval [--width 0.125]                              # inference img/s per eval batch size
