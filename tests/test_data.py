@@ -109,7 +109,7 @@ def test_offline_download_fails_fast(monkeypatch, tmp_path):
 
 def test_offline_torchvision_error_is_wrapped(monkeypatch, tmp_path):
     # Skip the reachability probe so torchvision's own download runs and fails on every mirror.
-    monkeypatch.setattr(data_files, "_network_reachable", lambda timeout: (True, ""))
+    monkeypatch.setattr(data_files, "_network_reachable", lambda timeout, *_: (True, ""))
     monkeypatch.setattr(socket, "getaddrinfo", _offline)
     t0 = time.monotonic()
     with pytest.raises(DataNotFoundError, match="download failed"):

@@ -1,4 +1,4 @@
-"""MNIST held on the training device, with on-device shuffling, sharding, normalisation and augmentation.
+"""A data set held on the training device, with on-device shuffling, sharding, normalisation and augmentation.
 
 In the style of airbench / hlb-CIFAR10: the whole dataset is one uint8 tensor on the device and every
 per-batch operation (indexing, random crop, flip, normalisation) is a handful of vectorised tensor ops.
@@ -9,15 +9,17 @@ There is no DataLoader, no worker process, no per-sample Python and no host sync
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from ..config import check_global_batch
-from .files import MNISTTensors
+from ..datasets import DATASETS, DatasetSpec
+from .files import DatasetTensors
 
-__all__ = ["MNIST_MEAN", "MNIST_STD", "split_train_val", "epoch_indices", "normalize", "augment", "DeviceMNIST"]
+__all__ = ["MNIST_MEAN", "MNIST_STD", "split_train_val", "epoch_indices", "normalize", "augment", "DeviceDataset",
+           "DeviceMNIST"]
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -88,48 +90,57 @@ def epoch_indices(n: int, global_batch: int, world_size: int, rank: int, seed: i
 # ----------------------------------------------------------------------------------------------------------
 
 
-def normalize(images_uint8: Tensor) -> Tensor:
-    """``[B, 28, 28]`` uint8 -> ``[B, 1, 28, 28]`` float32 ``((x / 255) - MNIST_MEAN) / MNIST_STD``."""
-    x = images_uint8.to(torch.float32).div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
-    return x.unsqueeze(1)
+def normalize(images: Tensor, mean: Sequence[float] | Tensor = (MNIST_MEAN,),
+              std: Sequence[float] | Tensor = (MNIST_STD,)) -> Tensor:  # fmt: skip
+    """uint8 ``[B, H, W]`` (one channel) or ``[B, C, H, W]`` -> float32 ``[B, C, H, W]``, ``(x / 255 - mean) / std``
+    per channel (MNIST's constants by default; a ``[1, C, 1, 1]`` tensor of them on the device avoids copies)."""
+    x = images.to(torch.float32).div_(255.0)
+    x = x.unsqueeze(1) if x.dim() == 3 else x
+    if isinstance(mean, Tensor):
+        return x.sub_(mean).div_(std)
+    if len(mean) == 1:
+        return x.sub_(mean[0]).div_(std[0])
+    shape = (1, len(mean), 1, 1)
+    return x.sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
 
 
-def augment(images_uint8: Tensor, padding: int, hflip: bool, generator: torch.Generator) -> Tensor:
-    """Random crop with ``padding`` black (0) pixels and optional horizontal flip (p=0.5), then normalise.
+def augment(images: Tensor, padding: int, hflip: bool, generator: torch.Generator,
+            mean: Sequence[float] | Tensor = (MNIST_MEAN,), std: Sequence[float] | Tensor = (MNIST_STD,)) -> Tensor:
+    """Random crop with ``padding`` black (0) pixels and optional horizontal flip (p=0.5), then :func:`normalize`.
 
-    Per-sample offsets in ``[0, 2 * padding]`` (and flip coins) are drawn from ``generator`` on its device;
-    the crop is one gather from the padded batch, the flip reverses the column index of that same gather.
-    Draw order: offsets (rows, then columns), then flips. ``padding=0, hflip=False`` is exactly
+    ``images`` as for :func:`normalize`. Per-sample offsets in ``[0, 2 * padding]`` (and flip coins) are drawn from
+    ``generator`` on its device; the crop is one gather from the padded batch, the flip reverses the column index of
+    that same gather. Draw order: offsets (rows, then columns), then flips. ``padding=0, hflip=False`` is exactly
     :func:`normalize` and draws nothing.
     """
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     if padding == 0 and not hflip:
-        return normalize(images_uint8)
-    b, h, w = images_uint8.shape
-    dev = images_uint8.device
+        return normalize(images, mean, std)
+    images = images.unsqueeze(1) if images.dim() == 3 else images
+    b, c, h, w = images.shape
+    dev = images.device
     gdev = generator.device
 
     if padding > 0:
-        padded = images_uint8.new_zeros((b, h + 2 * padding, w + 2 * padding))
-        padded[:, padding : padding + h, padding : padding + w] = images_uint8
+        padded = images.new_zeros((b, c, h + 2 * padding, w + 2 * padding))
+        padded[:, :, padding : padding + h, padding : padding + w] = images
         dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=gdev).to(dev)
         dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=gdev).to(dev)
     else:
-        padded = images_uint8
+        padded = images
         dy = torch.zeros(b, dtype=torch.int64, device=dev)
         dx = dy
 
-    ar_h = torch.arange(h, device=dev)
-    ar_w = torch.arange(w, device=dev)
-    rows = dy[:, None] + ar_h  # [B, H]
-    cols = dx[:, None] + ar_w  # [B, W]
+    rows = dy[:, None] + torch.arange(h, device=dev)  # [B, H]
+    cols = dx[:, None] + torch.arange(w, device=dev)  # [B, W]
     if hflip:
         flip = torch.rand((b,), generator=generator, device=gdev).to(dev) < 0.5
         cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=dev)[:, None, None]
-    out = padded[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W]
-    return normalize(out)
+    batch = torch.arange(b, device=dev)[:, None, None, None]
+    channel = torch.arange(c, device=dev)[None, :, None, None]
+    out = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # [B, C, H, W]
+    return normalize(out, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,23 +148,29 @@ def augment(images_uint8: Tensor, padding: int, hflip: bool, generator: torch.Ge
 # ----------------------------------------------------------------------------------------------------------
 
 
-class DeviceMNIST:
-    """Train / val / test MNIST images (uint8) and labels (int64) resident on ``device``.
+class DeviceDataset:
+    """Train / val / test images (uint8) and labels (int64) of a data set (``spec``; MNIST by default), resident on
+    ``device``.
 
-    ``val`` is carved out of the 60,000 training images with :func:`split_train_val` (``seed``);
+    ``val`` is carved out of the official training images with :func:`split_train_val` (``seed``);
     ``train_size > 0`` keeps only the first ``train_size`` of the remaining train split.
     """
 
     def __init__(
         self,
-        tensors: MNISTTensors,
+        tensors: DatasetTensors,
         device: torch.device | str,
         *,
         val_size: int = 6000,
         train_size: int = 0,
         seed: int = 0,
+        spec: DatasetSpec = DATASETS["mnist"],
     ) -> None:
         self.device = torch.device(device)
+        self.spec = spec
+        shape = (1, len(spec.mean), 1, 1)
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(shape)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(shape)
         n_all = tensors.train_images.shape[0]
         train_idx, val_idx = split_train_val(n_all, val_size, seed)
         if train_size < 0:
@@ -199,7 +216,7 @@ class DeviceMNIST:
         hflip: bool = False,
         seed: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x [b,1,28,28] float32, y [b] int64)`` on the device, ``b = global_batch // world_size``.
+        """Yield ``(x [b, C, H, W] float32, y [b] int64)`` on the device, ``b = global_batch // world_size``.
 
         Order from :func:`epoch_indices` ``(seed, epoch)``; augmentation from a device generator reseeded
         for every step from ``(seed, epoch, rank, step)``, so the batches depend only on those numbers and a run
@@ -214,9 +231,9 @@ class DeviceMNIST:
             labels = self.train_labels[pos]
             if gen is not None:
                 gen.manual_seed(_mix_seed(seed, epoch, rank, step, 0xA06))
-                x = augment(imgs, padding, hflip, gen)
+                x = augment(imgs, padding, hflip, gen, self.mean, self.std)
             else:
-                x = normalize(imgs)
+                x = normalize(imgs, self.mean, self.std)
             yield x, labels
 
     def _split(self, split: str) -> tuple[Tensor, Tensor]:
@@ -253,4 +270,7 @@ class DeviceMNIST:
         start, stop = self.eval_range(split, world_size, rank)
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
-            yield normalize(images[lo:hi]), labels[lo:hi]
+            yield normalize(images[lo:hi], self.mean, self.std), labels[lo:hi]
+
+
+DeviceMNIST = DeviceDataset
