@@ -50,14 +50,14 @@ def parse_args(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     from stbp.checkpoint import CheckpointError
     from stbp.config import ConfigError
-    from stbp.data import DataNotFoundError
+    from stbp.data import DataFormatError, DataNotFoundError
     from stbp.tracking import TrackingError
     from stbp.train import TrainingDiverged, train
 
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         train(cfg)
-    except (ConfigError, DataNotFoundError, TrackingError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, DataNotFoundError, DataFormatError, TrackingError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -24,14 +24,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
+from .datasets import DATASETS, dataset_defaults
 from .validation import ConfigError, Note, Rule, describe, load_yaml, section, type_word, unwrap
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "RunConfig", "TrackingConfig", "Config",
            "PRESETS", "preset_names", "field_names", "build_config", "apply_overrides", "parse_cli", "config_to_dict",
            "config_from_dict", "flatten_config", "flatten_mapping", "save_yaml", "load_yaml", "check_global_batch"]
-
-#: Size of the full MNIST-style training split that ``val_size`` is carved out of.
-FULL_TRAIN_SPLIT = 60000
 
 Positive = Annotated[float, Field(gt=0)]
 NonEmpty = Annotated[str, Field(pattern=r"\S")]
@@ -65,14 +63,16 @@ class ModelConfig:
 
 @section
 class DataConfig:
-    """Dataset location, split sizes and augmentation."""
+    """Data set, location, split sizes and augmentation."""
 
+    dataset: Literal[tuple(DATASETS)] = "mnist"  # type: ignore[valid-type]
+    """The data set (stbp/datasets.py); setting it also sets in_channels, num_classes and hflip unless given too."""
     data_dir: NonEmpty | None = None
     """Dataset root; None means $STBP_DATA_DIR if set, else ./data (resolved by the data module)."""
     train_size: Annotated[int, Field(ge=0), Note("0 = all")] = 0
     """0 = the whole training split (54,000 images); otherwise its first N images."""
-    val_size: Annotated[int, Field(ge=1, lt=FULL_TRAIN_SPLIT), Note("early stopping needs a validation set")] = 6000
-    """Images held out of the 60,000 official training images for validation."""
+    val_size: int = 6000
+    """Images held out of the official training images for validation (early stopping needs some)."""
     test_size: Annotated[int, Field(ge=0, le=10_000), Note("0 = all")] = 0
     """0 = the whole official test set (10,000 images); otherwise its first N (quick runs and tests only)."""
     crop_padding: Annotated[int, Field(ge=0), Note("0 = off")] = 4
@@ -178,10 +178,14 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        split = DATASETS[self.data.dataset].train_size
+        if not 1 <= self.data.val_size < split:
+            raise ValueError(f"val_size must be in [1, {split}) (early stopping needs a validation set; "
+                             f"{self.data.dataset} has {split:,} training images), got {self.data.val_size}")
 
-SECTIONS: Mapping[str, type] = types.MappingProxyType(
-    {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "preset"}
-)
+
+SECTIONS = types.MappingProxyType({f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "preset"})
 #: Leaf field name -> its section name; leaf field name -> pydantic's field info (type, doc, default).
 SECTION_OF = types.MappingProxyType({name: sec for sec, cls in SECTIONS.items() for name in cls.__pydantic_fields__})
 FIELDS = types.MappingProxyType({n: SECTIONS[s].__pydantic_fields__[n] for n, s in SECTION_OF.items()})
@@ -189,7 +193,7 @@ assert len(SECTION_OF) == sum(len(c.__pydantic_fields__) for c in SECTIONS.value
 
 
 def field_names() -> list[str]:
-    """All flat leaf field names, sorted (``preset`` is not a leaf field)."""
+    """All flat leaf field names, sorted (``preset`` is not one)."""
     return sorted(SECTION_OF)
 
 
@@ -260,6 +264,8 @@ def flatten_mapping(data: Mapping[str, Any], where: str = "", allow_preset: bool
 def _with_values(cfg: Config, flat: Mapping[str, Any], where: str = "") -> Config:
     """A new Config with the given flat leaf values (and ``preset``) replaced, validated."""
     changes: dict[str, Any] = {}
+    if flat.get("dataset") in DATASETS:  # what the data set decides, unless given with it
+        flat = {**dataset_defaults(flat["dataset"]), **flat}
     try:
         for name in SECTIONS:
             values = {k: v for k, v in flat.items() if SECTION_OF.get(k) == name}
@@ -322,14 +328,10 @@ def _from_text(name: str, text: str) -> Any:
 
 
 def parse_cli(argv: Sequence[str]) -> dict[str, Any]:
-    """Parse ``--field value`` style arguments into a typed flat dict ``{leaf_name: value}``.
-
-    Accepts ``--batch-size 32``, ``--batch_size=32``, ``--run.batch_size 32``; bools as ``--hflip``,
-    ``--hflip false`` (true/false/1/0/yes/no/on/off) or ``--no-hflip``; ``none``/``null`` for optional
-    fields; ``--betas 0.9,0.999``; ``--tags k=v,k2=v2``. Later occurrences win. Types are checked here, ranges
-    when the config is built. ``--config`` and ``--preset`` belong to the entry script and are rejected here, as
-    are positional arguments.
-    """
+    """``--field value`` arguments as a typed flat dict ``{leaf_name: value}``: ``--batch-size 32``,
+    ``--batch_size=32``, ``--run.batch_size 32``; ``--hflip``, ``--hflip false`` or ``--no-hflip``; ``none`` for
+    optional fields; ``--betas 0.9,0.999``; ``--tags k=v,k2=v2``. Later occurrences win. Types are checked here,
+    ranges when the config is built; ``--config`` and ``--preset`` are the entry script's."""
     if isinstance(argv, str):
         raise ConfigError("parse_cli expects a list of arguments, not a single string")
     args, out, i = list(argv), {}, 0
@@ -397,8 +399,6 @@ def save_yaml(cfg: Config, path: str | os.PathLike) -> None:
 
 
 # Presets: training config files shipped in stbp/presets/ (tune the numbers there)
-
-
 def _load_presets() -> Mapping[str, Mapping[str, Any]]:
     presets = {}
     for path in sorted((Path(__file__).parent / "presets").glob("*.yaml")):
@@ -409,12 +409,10 @@ def _load_presets() -> Mapping[str, Mapping[str, Any]]:
     return types.MappingProxyType(presets)
 
 
-#: Preset name -> its flat field values (read-only).
-PRESETS = _load_presets()
+PRESETS = _load_presets()  #: preset name -> its flat field values (read-only)
 
 
 def preset_names() -> list[str]:
-    """Names of the available presets, sorted."""
     return sorted(PRESETS)
 
 

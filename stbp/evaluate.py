@@ -1,4 +1,5 @@
-"""Evaluation: loss, accuracy and the firing rate of every spiking layer, for training and for a checkpoint.
+"""Evaluation: loss, accuracy and the firing rate of every spiking layer, for training and for a checkpoint (on the
+test set of the data set it was trained on).
 
     python -m stbp.evaluate CHECKPOINT [--data_dir DIR] [--batch_size N] [--device cpu|cuda] [--chart PNG]
 
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import DataNotFoundError, load_mnist, normalize
+from .data import DataFormatError, DataNotFoundError, load_dataset, normalize
+from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum
 from .monitor import FiringRateMonitor, firing_rate_chart
 
@@ -67,9 +69,11 @@ def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000, device: str
     """Test accuracy, loss and per-layer firing rates of a checkpoint (``limit``: first N test images only)."""
     model, cfg = load_checkpoint(path, map_location=device)
     model = model.to(device, memory_format=torch.channels_last)
-    mnist = load_mnist(data_dir if data_dir is not None else cfg.data.data_dir, download=cfg.data.download)
-    images, labels = mnist.test_images[:limit].to(device), mnist.test_labels[:limit].to(device)
-    batches = ((normalize(x), y) for x, y in zip(images.split(batch_size), labels.split(batch_size)))
+    spec = DATASETS[cfg.data.dataset]  # the checkpoint says which data set it was trained on
+    data = load_dataset(spec.name, data_dir if data_dir is not None else cfg.data.data_dir, download=cfg.data.download)
+    images, labels = data.test_images[:limit].to(device), data.test_labels[:limit].to(device)
+    batches = zip(images.split(batch_size), labels.split(batch_size))
+    batches = ((normalize(x, spec.mean, spec.std), y) for x, y in batches)
     result = evaluate(model, batches, "test", firing_rates=True)
     rates = {k.removeprefix("firing_rate/"): v for k, v in result.items() if k.startswith("firing_rate/")}
     return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "firing_rates": rates}
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.batch_size, args.device)
-    except (CheckpointError, DataNotFoundError) as e:
+    except (CheckpointError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"test accuracy {result['test_acc']:.2f}%  test loss {result['test_loss']:.4f}")

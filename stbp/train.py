@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointDir, CheckpointError, read_checkpoint
-from .config import Config, check_global_batch, config_to_dict, flatten_config
-from .data import DeviceMNIST, load_mnist
+from .config import Config, ConfigError, check_global_batch, config_to_dict, flatten_config
+from .data import DeviceDataset, load_dataset
+from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
 from .model import MODEL_KWARGS, resnet19
@@ -145,17 +146,21 @@ class _Trainer:
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
         check_global_batch(cfg.run.batch_size, env.world_size)
+        spec = DATASETS[cfg.data.dataset]
+        if cfg.model.in_channels != spec.channels or cfg.model.num_classes < spec.classes:
+            raise ConfigError(f"{spec.name} has {spec.channels}-channel images of {spec.classes} classes: the model's "
+                              f"in_channels {cfg.model.in_channels} and num_classes {cfg.model.num_classes} do not fit")
         state = self._resume_state()
         if env.is_primary:  # rank 0 may download; the others wait and then read the files
-            tensors = load_mnist(cfg.data.data_dir, download=cfg.data.download)
+            tensors = load_dataset(spec.name, cfg.data.data_dir, download=cfg.data.download)
         barrier(env)
         if not env.is_primary:
-            tensors = load_mnist(cfg.data.data_dir, download=False)
+            tensors = load_dataset(spec.name, cfg.data.data_dir, download=False)
         if cfg.data.test_size:
             n = cfg.data.test_size
             tensors = tensors._replace(test_images=tensors.test_images[:n], test_labels=tensors.test_labels[:n])
-        self.data = DeviceMNIST(tensors, self.device, val_size=cfg.data.val_size,
-                                train_size=cfg.data.train_size, seed=cfg.run.seed)
+        self.data = DeviceDataset(tensors, self.device, val_size=cfg.data.val_size,
+                                  train_size=cfg.data.train_size, seed=cfg.run.seed, spec=spec)
         self.steps = self.data.num_train_steps(cfg.run.batch_size, env.world_size)  # refuses too few batches
 
         torch.manual_seed(cfg.run.seed)
@@ -320,7 +325,8 @@ class _Trainer:
         cfg, env = self.cfg, self.env
         self.setup()
         self.log(
-            f"[stbp] {self.data.n_train} train / {self.data.n_val} val images, {env.world_size} rank(s) on "
+            f"[stbp] {cfg.data.dataset}: {self.data.n_train} train / {self.data.n_val} val images, {env.world_size} "
+            f"rank(s) on "
             f"{self.device}, {'bf16 autocast' if self.amp else 'fp32'}, "
             f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters"
         )
@@ -395,7 +401,7 @@ class _Trainer:
 
 
 def train(cfg: Config, callback: Callback | None = None) -> dict[str, Any]:
-    """Train ResNet-19 on MNIST as ``cfg`` says; returns the summary (also written to ``summary.json``).
+    """Train ResNet-19 on ``cfg.data.dataset`` as ``cfg`` says; returns the summary (also written to ``summary.json``).
 
     ``callback(epoch, metrics, checkpoint_dir)`` runs on every rank after each epoch (``checkpoint_dir`` on rank
     0 only). Under torchrun or Ray Train the existing distributed environment is used.

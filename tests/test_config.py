@@ -98,7 +98,7 @@ def test_field_names_are_sorted_unique_leaves():
 
 
 def test_preset_names_lists_all_presets():
-    assert preset_names() == ["cpu", "gpu", "seed", "tiny"]
+    assert preset_names() == ["cifar10", "cifar100", "cifar_cpu", "cpu", "gpu", "seed", "tiny"]
 
 
 def test_presets_registry_is_read_only():
@@ -108,7 +108,7 @@ def test_presets_registry_is_read_only():
         PRESETS["cpu"]["epochs"] = 99  # type: ignore[index]
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu", "seed", "tiny"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "cifar_cpu", "cpu", "gpu", "seed", "tiny"])
 def test_every_preset_builds_a_valid_config_that_records_its_name(name):
     cfg = build_config(preset=name)
     assert cfg.preset == name

@@ -153,12 +153,14 @@ def _check_local_resources(res: Resources) -> None:
 
 def _check_data(train) -> None:
     """MNIST where the trials will look, fetched here once if allowed (not by every trial at once)."""
-    from ..data import DataNotFoundError, load_mnist
+    from ..data import DataFormatError, DataNotFoundError, load_dataset
 
     try:
-        load_mnist(train.data.data_dir, download=train.data.download)
+        load_dataset(train.data.dataset, train.data.data_dir, download=train.data.download)
     except DataNotFoundError as exc:
-        raise SweepError(f"the trials would find no MNIST: {exc}") from None
+        raise SweepError(f"the trials would find no {train.data.dataset.upper().replace('_', '-')}: {exc}") from None
+    except DataFormatError as exc:
+        raise SweepError(f"the trials would read a malformed file: {exc}") from None
 
 
 def _start_ray(address: str | None) -> None:
