@@ -110,4 +110,4 @@ def test_help_lists_every_field_with_its_doc_and_default():
     assert "--v_th             LIF firing threshold. (default: 0.4)" in text
     out = subprocess.run([sys.executable, str(ROOT / "train_ddp.py"), "--help"], capture_output=True, text=True,
                          check=True, timeout=120).stdout  # fmt: skip
-    assert text in out and "presets (stbp/presets/): cpu, gpu, seed, tiny" in out
+    assert text in out and "presets (stbp/presets/): cifar10, cifar100, cifar_cpu, cpu, gpu, seed, tiny" in out
