@@ -3,6 +3,9 @@
     python bench/gpu.py                  # H200: batch 128 and 256; under 5 minutes (a time budget skips the rest)
     python bench/gpu.py --smoke          # any machine, CPU included: tiny sizes, 1-2 steps, proves it runs
 
+Then the CIFAR-10 preset (ResNet-19, 3x32x32 images, full width) at T=2 and T=4, in bf16 and fp32: images/s, the
+seconds of one 45,000-image epoch and peak memory (``--no-cifar`` skips it).
+
 Per run: images/s, ms per step, estimated MFU (analytic conv/linear FLOPs x2 x3 for forward + backward, against
 ``--peak-tflops``, 989 = H200 bf16 dense), projected seconds per MNIST epoch (54,000 images), peak memory of a
 training step (``torch.cuda.max_memory_allocated``, or saved-tensor bytes on CPU) and, for the baselines, our
@@ -28,6 +31,7 @@ import sj_model
 import torch
 
 EPOCH_IMAGES = 54_000  # MNIST train split after the 6,000-image validation hold-out
+CIFAR_EPOCH_IMAGES = 45_000  # CIFAR-10 train split after the cifar10 preset's 5,000-image hold-out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, help="timed chunks, median taken (default 3; smoke: 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; smoke: 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
+    p.add_argument("--no-cifar", action="store_true", help="skip the CIFAR-10 preset's rows")
     p.add_argument("--skip-baselines", action="store_true", help="skip the reference structure and SpikingJelly")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip runs not started within this many seconds")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H200: 989)")
@@ -91,6 +96,28 @@ def run_one(name: str, batch: int, compiled: bool, args, device: torch.device, f
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)  # stbp.train's optimizer, default (foreach) kernels
     step = common.make_train_step(fwd, models.prepare_input(name, x), y, "bf16",
                                   before=models.before_step(name, net), optimizer=opt)
+    return {"model": name, "batch": batch, "compiled": compiled, **timed(step, net, batch, args, device, flops)}
+
+
+def run_cifar(timesteps: int, precision: str, batch: int, args, device: torch.device) -> dict:
+    """The cifar10 preset's network (3x32x32 in, 10 classes) on synthetic CIFAR-shaped batches."""
+    from stbp import resnet19
+
+    net = resnet19(num_classes=10, in_channels=3, timesteps=timesteps, width=args.width)
+    net = net.to(device, memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    step = common.make_train_step(net, x, y, precision)
+    flops = models.train_flops_per_image(args.width, timesteps, in_channels=3, size=32)
+    out = {"model": "ours (CIFAR-10)", "batch": batch, "timesteps": timesteps, "precision": precision,
+           **timed(step, net, batch, args, device, flops)}
+    out["epoch_s"] = CIFAR_EPOCH_IMAGES / out["images_per_s"]
+    return out
+
+
+def timed(step, net, batch: int, args, device: torch.device, flops: float) -> dict:
+    """Step time (median of chunks), images/s, MFU, MNIST epoch seconds and peak memory of ``step``."""
     first = common.time_call(step)  # includes compilation when compiled
     for _ in range(max(0, args.warmup - 1)):
         step()
@@ -106,7 +133,7 @@ def run_one(name: str, batch: int, compiled: bool, args, device: torch.device, f
     times = [common.time_call(chunk) / args.steps for _ in range(args.chunks)]
     t = common.median(times)
     ips = batch / t
-    return {"model": name, "batch": batch, "compiled": compiled, "step_ms": 1e3 * t, "images_per_s": ips,
+    return {"step_ms": 1e3 * t, "images_per_s": ips,
             "mfu": flops * ips / (args.peak_tflops * 1e12), "epoch_s": EPOCH_IMAGES / ips,
             "peak_memory_gib": peak / 2**30, "step_memory_gib": growth / 2**30,
             "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "saved tensors",
@@ -152,6 +179,13 @@ def print_table(report: dict) -> None:
                      "ours faster": f"{r['ours_speedup']:.2f}x" if "ours_speedup" in r else "-"})
     print(common.table(rows, ["model", "batch", "img/s", "step ms", "MFU %", "s/epoch", "peak GiB", "step GiB",
                               "first step s", "ours faster"]))
+    cifar = [r for r in report.get("cifar10", []) if "images_per_s" in r]
+    if cifar:
+        print("\nCIFAR-10 preset (3x32x32, 45,000 images an epoch):")
+        print(common.table([{"T": r["timesteps"], "precision": r["precision"], "batch": r["batch"],
+                             "img/s": r["images_per_s"], "s/epoch": r["epoch_s"], "MFU %": 100 * r["mfu"],
+                             "peak GiB": r["peak_memory_gib"]} for r in cifar],
+                           ["T", "precision", "batch", "img/s", "s/epoch", "MFU %", "peak GiB"]))
     if "loader" in report:
         ld = report["loader"]
         print(f"\nloader on {report['device']}: {ld['images_per_s']:,.0f} img/s (batch {ld['batch']})"
@@ -192,6 +226,26 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
         report["runs"].append(entry)
         summarise(report["runs"])
+        write(report, args.out)
+
+    report["cifar10"] = []
+    for timesteps, precision in [] if args.no_cifar else itertools.product((2, 4), ("bf16", "fp32")):
+        entry = {"timesteps": timesteps, "precision": precision}
+        if time.monotonic() - start > args.budget_s + 120:  # the CIFAR rows have 2 minutes of their own
+            entry["skipped"] = "time budget"
+        else:
+            log(f"CIFAR-10 preset, T={timesteps}, {precision}")
+            try:
+                entry = run_cifar(timesteps, precision, args.batches[0], args, device)
+                log(f"  {entry['images_per_s']:,.0f} img/s, {entry['epoch_s']:.1f} s/epoch, "
+                    f"{entry['peak_memory_gib']:.2f} GiB")
+            except Exception as e:
+                traceback.print_exc()
+                entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        report["cifar10"].append(entry)
         write(report, args.out)
 
     report["loader"] = bench_loader(device, max(args.batches), n_batches=5 if args.smoke else 50)
