@@ -87,6 +87,9 @@ def _tuner(sweep: Sweep, plan: TrialPlan, sweep_dir: Path, resume: bool):
             scheduler=_scheduler(sweep),
             num_samples=sweep.search.num_samples,
             trial_dirname_creator=trial_dirname,
+            # A trial's worker process serves the next trial too: no new process importing torch, Ray and MLflow
+            # and reading the data set per trial (every trial builds its own model, optimiser and run).
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=sweep.name,

@@ -4,6 +4,7 @@ the trial drives a Ray Train ``TorchTrainer`` whose ranks train under DDP."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def trial_config(plan: TrialPlan, params: dict, trial_dir: Path, run_id: str, ru
         tracking_uri=plan.record.tracking_uri,
         mlflow=True,
         data_dir=plan.data_dir,  # absolute: trials run in their own working directories
+        # Which worker process ran it: workers are reused from trial to trial (reuse_actors).
+        tags={**plan.base.tracking.tags, "worker_pid": str(os.getpid())},
     )
     return apply_overrides(plan.base, values)
 
