@@ -415,6 +415,32 @@ def test_ddp_trials_train_on_two_ranks_and_a_stopped_one_frees_its_workers(mlflo
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A reused worker: the second trial runs in the first one's process and must train exactly as a fresh one did
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_reused_worker_gives_a_trial_the_result_of_a_fresh_one(mlflow_server, tmp_path, data_dir):
+    path = write_sweep(tmp_path, "reuse", [GOOD, GOOD], 2, {"cpus": 2, "gpus": 0, "workers": 1})
+    path.write_text(path.read_text().replace("scheduler:\n  type: asha", "scheduler:\n  type: none"))
+    assert "type: none" in path.read_text()  # both trials run to their end
+    args = ["--sweep", str(path), "--tracking_uri", mlflow_server, "--timesteps", "1"]
+    rc, out = run_tune(args, tmp_path, tune_env(data_dir), tmp_path / "reuse.log", timeout=420)
+    assert rc == 0, out[-6000:]
+    client = MlflowClient(mlflow_server)
+    exp_id, parent = the_parent(client, "reuse")
+    first, second = sorted(children(client, parent.info.run_id, exp_id), key=lambda r: r.info.start_time)
+    assert first.data.tags["worker_pid"] == second.data.tags["worker_pid"]  # one process served both trials
+    assert first.data.tags[TRIAL_TAG] != second.data.tags[TRIAL_TAG]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "firing_rate/lif1"):
+        histories = [[(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, key),
+                                                        key=lambda m: m.step)] for r in (first, second)]
+        assert histories[0] == histories[1] and len(histories[0]) == 2, key
+    assert first.data.metrics["test_acc"] == second.data.metrics["test_acc"]
+    assert first.info.status == second.info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The pieces, without Ray
 # ----------------------------------------------------------------------------------------------------------
 
