@@ -1,8 +1,10 @@
-"""Train the spiking ResNet-19 on MNIST: ``python train_ddp.py`` or ``torchrun --nproc-per-node=N train_ddp.py``.
+"""Train the spiking ResNet-19: ``python train_ddp.py`` or ``torchrun --nproc-per-node=N train_ddp.py``.
 
     train_ddp.py [--config FILE.yaml] [--preset NAME] [--field value ...]
     train_ddp.py --help | --schema
 
+Without ``--preset`` (and without a config file that names one), the preset fits the hardware: ``seed``, the
+reference's setting, where there are GPUs, else ``cpu``; the first line printed says which.
 Every config field can be given as ``--field value`` (dashes or underscores, or dotted: ``--model.v_th``);
 ``--help`` lists them with their defaults, ``--schema`` prints the JSON Schema of a config file.
 """
@@ -13,7 +15,7 @@ import sys
 
 
 def parse_args(argv: list[str]):
-    from stbp.config import ConfigError, build_config, preset_names
+    from stbp.config import ConfigError, build_config, load_yaml, preset_names
 
     config_path = preset = None
     rest: list[str] = []
@@ -44,7 +46,23 @@ def parse_args(argv: list[str]):
             sys.exit(0)
         else:
             rest.append(arg)
+    if preset is None and (config_path is None or "preset" not in load_yaml(config_path)):
+        preset = hardware_preset()
     return build_config(preset=preset, yaml_path=config_path, cli=rest)
+
+
+def hardware_preset() -> str:
+    """``seed`` (the reference's setting) where CUDA GPUs are, else ``cpu``; said once, by rank 0."""
+    import os
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    preset, why = ("seed", f"the reference's setting, on {gpus} GPU(s)") if gpus else ("cpu", "no GPU here")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[stbp] preset {preset!r} ({why}); --preset NAME chooses another, e.g. gpu, cpu, tiny, cifar10",
+              flush=True)
+    return preset
 
 
 def main(argv: list[str] | None = None) -> int:

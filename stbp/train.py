@@ -264,9 +264,7 @@ class _Trainer:
             seen += y.shape[0]
             if (step + 1) % cfg.run.log_interval == 0 or step + 1 == self.steps:
                 self._check_divergence(first_bad, epoch, lr)  # the one sync per log interval
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    bar.update(step + 1 - bar.n)
+                self._progress_line(bar, epoch, step + 1, loss_sum.item() / seen, lr, time.perf_counter() - t0)
         if bar is not None:
             bar.close()
         totals = all_reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=dev,
@@ -290,6 +288,23 @@ class _Trainer:
                 step=step + 1,
                 lr=lr,
             )
+
+    def _progress_line(self, bar, epoch: int, done: int, loss: float, lr: float, elapsed: float) -> None:
+        """The progress bar in a terminal; elsewhere (a log file, a job scheduler) a line every PROGRESS_EVERY_S."""
+        left = (self.steps - done) + (self.cfg.run.epochs - epoch - 1) * self.steps  # steps still to train
+        eta = _clock(elapsed / done * left)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", run_eta=eta, refresh=False)
+            bar.update(done - bar.n)
+        elif self.env.is_primary and time.perf_counter() - self._last_line >= self.PROGRESS_EVERY_S:
+            self._last_line = time.perf_counter()
+            images = done * self.cfg.run.batch_size
+            print(f"epoch {epoch + 1}/{self.cfg.run.epochs}  {100 * done / self.steps:3.0f}% ({done}/{self.steps} "
+                  f"steps)  loss {loss:.4f}  {images / elapsed:.0f} img/s  ETA epoch "
+                  f"{_clock(elapsed / done * (self.steps - done))}, run {eta}", flush=True)
+
+    PROGRESS_EVERY_S = 30.0  # seconds between progress lines when the output is not a terminal
+    _last_line = -math.inf  # when the last one was printed (the first sync point prints one)
 
     def _progress(self, epoch: int):
         if not (self.env.is_primary and sys.stderr.isatty()):
@@ -396,8 +411,14 @@ class _Trainer:
                 self.tracker.log_artifact(chart)
             self.tracker.finish("FINISHED")
             self.log(f"[stbp] test accuracy {test['test_acc']:.2f}% (best epoch {summary['best_epoch']}); "
-                     f"summary in {self.out / 'summary.json'}")
+                     f"model {self.ckpts.best}; summary in {self.out / 'summary.json'}")
         return summary
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss``, or ``h:mm:ss`` from an hour."""
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 def train(cfg: Config, callback: Callback | None = None) -> dict[str, Any]:

@@ -236,3 +236,41 @@ def test_config_yaml_file_drives_training(tmp_path, data_dir):
     assert cfg.model.v_th == 0.35 and cfg.model.width == 0.0625
     with pytest.raises(ConfigError):
         build_config(yaml_path=tmp_path / "c.yaml", overrides={"bogus": 1})
+
+
+def test_no_preset_means_the_hardware_preset_and_the_first_line_says_so(capsys, monkeypatch, tmp_path):
+    sys.path.insert(0, str(REPO))
+    import train_ddp
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert train_ddp.parse_args([]).preset == "cpu"
+    assert capsys.readouterr().out.startswith("[stbp] preset 'cpu' (no GPU here); --preset NAME chooses another")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert train_ddp.parse_args(["--epochs", "2"]).preset == "seed"
+    assert "preset 'seed' (the reference's setting, on 8 GPU(s))" in capsys.readouterr().out
+    assert train_ddp.parse_args(["--preset", "tiny"]).preset == "tiny"
+    (tmp_path / "c.yaml").write_text("preset: gpu\nepochs: 2\n")
+    assert train_ddp.parse_args(["--config", str(tmp_path / "c.yaml")]).preset == "gpu"
+    assert capsys.readouterr().out == ""  # a preset that was chosen is not announced
+    monkeypatch.setenv("RANK", "1")
+    assert train_ddp.parse_args([]).preset == "seed" and capsys.readouterr().out == ""  # only rank 0 talks
+
+
+def test_a_log_shows_progress_with_an_eta_and_the_last_line_where_the_outputs_are(tmp_path, data_dir, capsys,
+                                                                                   monkeypatch):
+    import re
+
+    from stbp.train import _Trainer
+
+    monkeypatch.setattr(_Trainer, "PROGRESS_EVERY_S", 0.0)  # every sync point; a log gets one every 30 s
+    train(tiny(tmp_path, data_dir, epochs=2, log_interval=2, patience=0))  # 8 steps an epoch
+    lines = capsys.readouterr().out.splitlines()
+    progress = [line for line in lines if "steps)" in line]
+    pattern = r"epoch ([12])/2 +(\d+)% \((\d)/8 steps\)  loss [\d.]+  \d+ img/s  ETA epoch \d+:\d\d, run (\d+):(\d\d)"
+    parsed = [re.fullmatch(pattern, line) for line in progress]
+    assert len(parsed) == 8 and all(parsed), progress
+    assert [(m[1], m[3]) for m in parsed] == [(e, s) for e in "12" for s in "2468"]
+    assert parsed[-1][2] == "100" and parsed[-1].group(4, 5) == ("0", "00")  # nothing left to train
+    assert lines[-1].startswith("[stbp] test accuracy ") and "checkpoints/best.pt" in lines[-1]
+    assert lines[-1].endswith("summary.json")
