@@ -41,13 +41,15 @@ BAD2 = {"v_th": 2.8, "aa": 0.1}
 
 
 def write_sweep(directory: Path, name: str, points, num_samples: int, resources: dict) -> Path:
-    """The shipped smoke sweep made deterministic: one trial at a time; a learning, then a silent point."""
+    """The shipped smoke sweep made small and deterministic: the tiny preset on 512 images, one trial at a time;
+    a learning, then a silent point."""
     data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     data["name"] = name
-    data["train"].update(lr=0.01, epochs=2)
-    data["space"]["v_th"]["high"] = 3.0
-    data["space"]["aa"]["low"] = 0.1
+    data["train"] = {"preset": "tiny", "lr": 0.01, "epochs": 2}
+    data["space"] = {"v_th": {"type": "uniform", "low": 0.2, "high": 3.0}, "aa": {"type": "uniform", "low": 0.1,
+                                                                                "high": 1.0}}  # fmt: skip
     data["search"].update(num_samples=num_samples, max_concurrent=1, points_to_evaluate=points)
+    data["scheduler"] = {"type": "asha", "grace_period": 1, "reduction_factor": 2}  # stops the silent point at 1
     data["resources"] = resources
     data["mlflow"] = {"experiment": f"stbp-{name}"}
     path = directory / f"{name}.yaml"
@@ -279,7 +281,9 @@ CUT = {"v_th": 0.5, "aa": 0.6, "lr": 0.01}  # running when the driver is SIGKILL
 def write_fault_sweep(directory: Path) -> Path:
     data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     data.update(name="faults", scheduler={"type": "none"}, failures={"max_failures": 1})
-    data["train"].update(epochs=3, lr=0.01, train_size=3072)  # epochs of a few seconds: time to hit one
+    data["train"] = {"preset": "tiny", "epochs": 3, "lr": 0.01, "train_size": 3072}  # epochs of a few seconds
+    data["space"] = {"v_th": {"type": "uniform", "low": 0.2, "high": 0.8}, "aa": {"type": "uniform", "low": 0.2,
+                                                                                "high": 1.0}}  # fmt: skip
     data["space"]["lr"] = {"type": "loguniform", "low": 1e-3, "high": 1e36}
     data["search"].update(num_samples=3, max_concurrent=1, points_to_evaluate=[KILLED, DIVERGES, CUT])
     data["resources"] = {"cpus": 2, "gpus": 0, "workers": 1}

@@ -73,11 +73,11 @@ def test_shipped_sweeps_are_valid_and_contain_the_reference_point_with_room(name
 
 def test_smoke_sweep_is_small_and_cpu_only():
     sweep = load_sweep(ROOT / "sweeps" / "smoke.yaml")
-    assert sweep.train.preset == "tiny" and sweep.train.run.epochs <= 3
-    assert 0 < sweep.train.data.train_size <= 1024  # a slice of the real MNIST
-    assert sweep.search.num_samples <= 8
+    assert sweep.train.preset == "cpu" and sweep.train.run.epochs <= 3
+    assert 0 < sweep.train.data.train_size <= 8192  # a slice of the real MNIST
+    assert 8 <= sweep.search.num_samples <= 12
     assert sweep.resources.gpus == 0 and sweep.resources.cpus == 1 and sweep.resources.workers == 1
-    assert sweep.scheduler.type == "asha" and sweep.scheduler.grace_period == 1
+    assert sweep.scheduler.type == "asha" and sweep.scheduler.grace_period == 2
 
 
 def test_vth_aa_sweep_is_sized_for_gpus():
