@@ -299,8 +299,8 @@ class _Trainer:
         elif self.env.is_primary and time.perf_counter() - self._last_line >= self.PROGRESS_EVERY_S:
             self._last_line = time.perf_counter()
             images = done * self.cfg.run.batch_size
-            print(f"epoch {epoch + 1}/{self.cfg.run.epochs}  {100 * done / self.steps:3.0f}% ({done}/{self.steps} "
-                  f"steps)  loss {loss:.4f}  {images / elapsed:.0f} img/s  ETA epoch "
+            print(f"[stbp] {100 * done / self.steps:.0f}% of epoch {epoch + 1} of {self.cfg.run.epochs} ({done}/"
+                  f"{self.steps} steps)  loss {loss:.4f}  {images / elapsed:.0f} img/s  ETA epoch "
                   f"{_clock(elapsed / done * (self.steps - done))}, run {eta}", flush=True)
 
     PROGRESS_EVERY_S = 30.0  # seconds between progress lines when the output is not a terminal

@@ -267,10 +267,12 @@ def test_a_log_shows_progress_with_an_eta_and_the_last_line_where_the_outputs_ar
     train(tiny(tmp_path, data_dir, epochs=2, log_interval=2, patience=0))  # 8 steps an epoch
     lines = capsys.readouterr().out.splitlines()
     progress = [line for line in lines if "steps)" in line]
-    pattern = r"epoch ([12])/2 +(\d+)% \((\d)/8 steps\)  loss [\d.]+  \d+ img/s  ETA epoch \d+:\d\d, run (\d+):(\d\d)"
+    pattern = (r"\[stbp\] (\d+)% of epoch ([12]) of 2 \((\d)/8 steps\)  loss [\d.]+  \d+ img/s  "
+               r"ETA epoch \d+:\d\d, run (\d+):(\d\d)")
     parsed = [re.fullmatch(pattern, line) for line in progress]
     assert len(parsed) == 8 and all(parsed), progress
-    assert [(m[1], m[3]) for m in parsed] == [(e, s) for e in "12" for s in "2468"]
-    assert parsed[-1][2] == "100" and parsed[-1].group(4, 5) == ("0", "00")  # nothing left to train
+    assert [(m[2], m[3]) for m in parsed] == [(e, s) for e in "12" for s in "2468"]
+    assert parsed[-1][1] == "100" and parsed[-1].group(4, 5) == ("0", "00")  # nothing left to train
+    assert sum("epoch 1/2" in line for line in lines) == 1  # the epoch's own line stays the only one of its kind
     assert lines[-1].startswith("[stbp] test accuracy ") and "checkpoints/best.pt" in lines[-1]
     assert lines[-1].endswith("summary.json")

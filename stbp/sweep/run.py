@@ -88,8 +88,9 @@ def _tuner(sweep: Sweep, plan: TrialPlan, sweep_dir: Path, resume: bool):
             num_samples=sweep.search.num_samples,
             trial_dirname_creator=trial_dirname,
             # A trial's worker process serves the next trial too: no new process importing torch, Ray and MLflow
-            # and reading the data set per trial (every trial builds its own model, optimiser and run).
-            reuse_actors=True,
+            # and reading the data set per trial (every trial builds its own model, optimiser and run). Not for DDP
+            # trials: Ray Train starts their workers afresh anyway, and Tune cannot reset their driver.
+            reuse_actors=sweep.resources.workers == 1,
         ),
         run_config=tune.RunConfig(
             name=sweep.name,
