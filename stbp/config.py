@@ -88,7 +88,7 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 @section
 class OptimConfig:
-    """Optimizer, learning-rate schedule and gradient clipping."""
+    """Optimizer, loss, learning-rate schedule and gradient clipping."""
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     """One of 'adam', 'adamw', 'sgd'."""
@@ -112,6 +112,12 @@ class OptimConfig:
     """Linear warm-up epochs before the schedule."""
     grad_clip: Annotated[float | None, Field(gt=0), Note("None = off")] = None
     """Max global gradient norm; None = no clipping."""
+    loss: Literal["ce", "tet"] = "ce"
+    """'ce': cross-entropy of the time-mean output; 'tet': TET (Deng et al. 2022), cross-entropy at every step."""
+    tet_lambda: Annotated[float, Field(ge=0, lt=1)] = 1e-3
+    """TET: weight of the regulariser that pulls every step's output towards tet_phi (0 = none)."""
+    tet_phi: float = 1.0
+    """TET: the regulariser's target value."""
 
 
 @section
@@ -288,8 +294,6 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     return _with_values(cfg, flatten_mapping(overrides, allow_preset=True))
 
 
-# Command line
-
 _NONE_WORDS = ("none", "null", "~")
 _BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f")  # what pydantic reads
 
@@ -369,9 +373,6 @@ def parse_cli(argv: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-# YAML / dict conversion
-
-
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Nested plain dict (tuples -> lists): safe for YAML, JSON and ``torch.load(weights_only=True)``."""
     return TypeAdapter(Config).dump_python(cfg, mode="json")
@@ -414,9 +415,6 @@ PRESETS = _load_presets()  #: preset name -> its flat field values (read-only)
 
 def preset_names() -> list[str]:
     return sorted(PRESETS)
-
-
-# Building
 
 
 def build_config(

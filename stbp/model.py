@@ -119,7 +119,9 @@ class SpikingResNet(nn.Module):
         nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
         nn.init.zeros_(self.fc1.bias)
 
-    def forward(self, images: Tensor) -> Tensor:  # [N, C, H, W] -> [N, num_classes]
+    def forward(self, images: Tensor, per_step: bool = False) -> Tensor:
+        """``[N, C, H, W]`` -> ``[N, num_classes]``, the time-mean output; ``per_step``: ``[T, N, num_classes]``,
+        the output at every time step (what TET's loss reads)."""
         steps, n = self.timesteps, images.shape[0]
         # Direct encoding: the stem sees the same image at every step, so convolve it once and repeat the result
         # over time ([N, ...] -> [T*N, ...]); the gradient of the repeat sums over time, as it should.
@@ -134,7 +136,7 @@ class SpikingResNet(nn.Module):
         x = self.fc2(x).view(steps, n, -1)  # [T, N, classes]
         if self.lif_out is not None:
             x = self.lif_out(x)
-        return x.mean(0)
+        return x if per_step else x.mean(0)
 
 
 def resnet19(

@@ -31,7 +31,7 @@ from .model import MODEL_KWARGS, resnet19
 from .monitor import firing_rate_chart
 from .tdbn import convert_sync_tdbn
 
-__all__ = ["train", "train_step", "EarlyStopping", "TrainingDiverged", "Callback", "lr_at", "model_kwargs",
+__all__ = ["train", "train_step", "tet_loss", "EarlyStopping", "TrainingDiverged", "Callback", "lr_at", "model_kwargs",
            "amp_dtype", "cpu_has_native_bf16"]
 
 Callback = Callable[[int, dict[str, float], "str | None"], None]
@@ -93,13 +93,27 @@ def _build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
+def tet_loss(outputs: Tensor, labels: Tensor, lamb: float, phi: float) -> Tensor:
+    """TET's loss (Deng et al. 2022, eq. 8-10) of per-step outputs ``[T, N, C]``: the cross-entropy of every time
+    step's output, averaged over steps, weighted ``1 - lamb``, plus ``lamb`` x the mean squared distance of the
+    outputs from ``phi`` (the regulariser that keeps them from growing without bound)."""
+    ce = F.cross_entropy(outputs.flatten(0, 1), labels.repeat(outputs.shape[0]))  # mean over steps and images
+    return (1 - lamb) * ce + lamb * F.mse_loss(outputs, torch.full_like(outputs, phi))
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               amp: torch.dtype | None = None, grad_clip: float | None = None) -> tuple[Tensor, Tensor]:
-    """One optimisation step: forward (under ``amp`` autocast when given), cross-entropy in fp32, backward,
-    optional gradient-norm clipping, optimizer step. Returns the detached loss and logits; no host sync."""
+               amp: torch.dtype | None = None, grad_clip: float | None = None,
+               tet: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+    """One optimisation step: forward (under ``amp`` autocast when given), the loss in fp32 (cross-entropy of the
+    time-mean output, or with ``tet = (lamb, phi)`` :func:`tet_loss`), backward, optional gradient-norm clipping,
+    optimizer step. Returns the detached loss and time-mean logits; no host sync."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        if tet is None:
+            logits = model(x).float()
+            loss = F.cross_entropy(logits, y)
+        else:
+            outputs = model(x, per_step=True).float()
+            loss, logits = tet_loss(outputs, y, *tet), outputs.mean(0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -139,6 +153,7 @@ class _Trainer:
         self.ckpts = CheckpointDir(self.out / "checkpoints")
         self.amp = amp_dtype(cfg, self.device)
         self.stopping = EarlyStopping(cfg.run.patience)
+        self.tet = (cfg.optim.tet_lambda, cfg.optim.tet_phi) if cfg.optim.loss == "tet" else None
         self.start_epoch, self.history, self.best_val_acc = 0, [], -1.0
         self.log = print if env.is_primary else (lambda *a, **k: None)
 
@@ -256,7 +271,7 @@ class _Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, logits = train_step(self.model, self.optimizer, x.contiguous(memory_format=torch.channels_last),
-                                      y, self.amp, cfg.optim.grad_clip)
+                                      y, self.amp, cfg.optim.grad_clip, self.tet)
             # Device-side bookkeeping only: no .item() in the step.
             loss_sum += loss.double() * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
