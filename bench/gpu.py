@@ -17,6 +17,7 @@ written as JSON after every run to ``$OUT/bench_gpu.json`` if ``$OUT`` is set, e
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -214,16 +215,7 @@ def main(argv=None) -> int:
             entry["skipped"] = f"time budget ({elapsed:.0f} s > {args.budget_s:.0f} s)"
         else:
             log(f"{name} batch {batch}{' compiled' if compiled else ''}")
-            try:
-                entry = run_one(name, batch, compiled, args, device, flops)
-                log(f"  {entry['images_per_s']:,.0f} img/s, MFU {100 * entry['mfu']:.1f}%, "
-                    f"{entry['epoch_s']:.1f} s/epoch, {entry['peak_memory_gib']:.2f} GiB")
-            except Exception as e:  # one failing run (an OOM, a compile error) must not lose the others
-                traceback.print_exc()
-                entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            entry = attempt(entry, functools.partial(run_one, name, batch, compiled, args, device, flops), device)
         report["runs"].append(entry)
         summarise(report["runs"])
         write(report, args.out)
@@ -235,16 +227,8 @@ def main(argv=None) -> int:
             entry["skipped"] = "time budget"
         else:
             log(f"CIFAR-10 preset, T={timesteps}, {precision}")
-            try:
-                entry = run_cifar(timesteps, precision, args.batches[0], args, device)
-                log(f"  {entry['images_per_s']:,.0f} img/s, {entry['epoch_s']:.1f} s/epoch, "
-                    f"{entry['peak_memory_gib']:.2f} GiB")
-            except Exception as e:
-                traceback.print_exc()
-                entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            entry = attempt(entry, functools.partial(run_cifar, timesteps, precision, args.batches[0], args, device),
+                            device)
         report["cifar10"].append(entry)
         write(report, args.out)
 
@@ -257,6 +241,22 @@ def main(argv=None) -> int:
     print_table(report)
     log(f"done in {report['total_s']:.0f} s; wrote {args.out}")
     return 0
+
+
+def attempt(entry: dict, run, device: torch.device) -> dict:
+    """``run()``'s figures (logged), or ``entry`` with the error: one failing run (an OOM, a compile error) must not
+    lose the others."""
+    try:
+        out = run()
+    except Exception as e:
+        traceback.print_exc()
+        return {**entry, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    log(f"  {out['images_per_s']:,.0f} img/s, MFU {100 * out['mfu']:.1f}%, {out['epoch_s']:.1f} s/epoch, "
+        f"{out['peak_memory_gib']:.2f} GiB")
+    return out
 
 
 def write(report: dict, path: str) -> None:
