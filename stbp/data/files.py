@@ -280,7 +280,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
         found = root
     folder = _files_dir(found, spec)
     files = [folder / n for names in _file_names(spec).values() for n in names]
-    key = (name, str(folder), tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    key = (name, str(folder), tuple((st.st_mtime_ns, st.st_size) for st in map(os.stat, files)))
     if key not in _LOADED:  # a process that trains again (a reused sweep worker) reads the files once
         _LOADED.clear()  # one data set kept: the tensors are shared read-only, never written in place
         _LOADED[key] = DatasetTensors(*_read_split(folder, spec, "train"), *_read_split(folder, spec, "test"))
