@@ -108,8 +108,8 @@ class OptimConfig:
     """Step schedule: multiply the LR by lr_gamma every this many epochs."""
     lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
     """Step schedule decay factor in (0, 1]."""
-    warmup_epochs: Annotated[int, Field(ge=0)] = 0
-    """Linear warm-up epochs before the schedule."""
+    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    """Linear warm-up epochs before the schedule (may be fractional: 0.3 = the first 30% of epoch 1)."""
     grad_clip: Annotated[float | None, Field(gt=0), Note("None = off")] = None
     """Max global gradient norm; None = no clipping."""
     loss: Literal["ce", "tet"] = "ce"
@@ -118,6 +118,10 @@ class OptimConfig:
     """TET: weight of the regulariser that pulls every step's output towards tet_phi (0 = none)."""
     tet_phi: float = 1.0
     """TET: the regulariser's target value."""
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Label smoothing of the training cross-entropy (0 = off); validation and test losses stay plain."""
+    ema_decay: Annotated[float, Field(ge=0, lt=1), Note("0 = off")] = 0.0
+    """Decay of an EMA of the weights that validation, test and best.pt use (0 = off; e.g. 0.999)."""
 
 
 @section

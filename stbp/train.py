@@ -29,10 +29,11 @@ from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, te
 from .evaluate import evaluate
 from .model import MODEL_KWARGS, resnet19
 from .monitor import firing_rate_chart
+from .recipe import WeightEMA, amp_dtype, build_optimizer, cpu_has_native_bf16, lr_at
 from .tdbn import convert_sync_tdbn
 
 __all__ = ["train", "train_step", "tet_loss", "EarlyStopping", "TrainingDiverged", "Callback", "lr_at", "model_kwargs",
-           "amp_dtype", "cpu_has_native_bf16"]
+           "amp_dtype", "cpu_has_native_bf16"]  # the recipe's names stay importable from here
 
 Callback = Callable[[int, dict[str, float], "str | None"], None]
 
@@ -52,68 +53,27 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
     return {k: getattr(cfg.model, k) for k in MODEL_KWARGS}
 
 
-def lr_at(cfg: Config, progress: float) -> float:
-    """Learning rate at ``progress`` epochs into training (fractional: schedules move every step)."""
-    o, epochs = cfg.optim, cfg.run.epochs
-    if o.warmup_epochs and progress < o.warmup_epochs:
-        return o.lr * (progress + 1e-3) / o.warmup_epochs
-    if o.schedule == "step":
-        return o.lr * o.lr_gamma ** math.floor(progress / o.lr_step_epochs)
-    if o.schedule == "cosine":
-        span = max(epochs - o.warmup_epochs, 1e-9)
-        return 0.5 * o.lr * (1 + math.cos(math.pi * min((progress - o.warmup_epochs) / span, 1.0)))
-    return o.lr
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: where CPU bf16 autocast is a speed-up rather than an emulation."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 where ``cfg.run.amp`` asks for it (``auto``: on CUDA with bf16, and on CPUs with native bf16)."""
-    if cfg.run.amp == "off":
-        return None
-    if cfg.run.amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def _build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-
-
-def tet_loss(outputs: Tensor, labels: Tensor, lamb: float, phi: float) -> Tensor:
+def tet_loss(outputs: Tensor, labels: Tensor, lamb: float, phi: float, label_smoothing: float = 0.0) -> Tensor:
     """TET's loss (Deng et al. 2022, eq. 8-10) of per-step outputs ``[T, N, C]``: the cross-entropy of every time
     step's output, averaged over steps, weighted ``1 - lamb``, plus ``lamb`` x the mean squared distance of the
     outputs from ``phi`` (the regulariser that keeps them from growing without bound)."""
-    ce = F.cross_entropy(outputs.flatten(0, 1), labels.repeat(outputs.shape[0]))  # mean over steps and images
+    ce = F.cross_entropy(outputs.flatten(0, 1), labels.repeat(outputs.shape[0]), label_smoothing=label_smoothing)
     return (1 - lamb) * ce + lamb * F.mse_loss(outputs, torch.full_like(outputs, phi))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                amp: torch.dtype | None = None, grad_clip: float | None = None,
-               tet: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+               tet: tuple[float, float] | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """One optimisation step: forward (under ``amp`` autocast when given), the loss in fp32 (cross-entropy of the
-    time-mean output, or with ``tet = (lamb, phi)`` :func:`tet_loss`), backward, optional gradient-norm clipping,
-    optimizer step. Returns the detached loss and time-mean logits; no host sync."""
+    time-mean output, or with ``tet = (lamb, phi)`` :func:`tet_loss`; either with ``label_smoothing``), backward,
+    optional gradient-norm clipping, optimizer step. Returns the detached loss and time-mean logits; no host sync."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         if tet is None:
             logits = model(x).float()
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         else:
             outputs = model(x, per_step=True).float()
-            loss, logits = tet_loss(outputs, y, *tet), outputs.mean(0)
+            loss, logits = tet_loss(outputs, y, *tet, label_smoothing=label_smoothing), outputs.mean(0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -182,6 +142,7 @@ class _Trainer:
         self.raw_model = resnet19(**model_kwargs(cfg)).to(self.device, memory_format=torch.channels_last)
         if cfg.model.sync_bn and env.world_size > 1:
             convert_sync_tdbn(self.raw_model)
+        self.ema = WeightEMA(self.raw_model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         model: nn.Module = self.raw_model
         if env.world_size > 1:
             model = nn.parallel.DistributedDataParallel(
@@ -194,7 +155,7 @@ class _Trainer:
                 stacklevel=2,
             )
         self.model = torch.compile(model) if cfg.run.compile else model
-        self.optimizer = _build_optimizer(cfg, self.raw_model.parameters())
+        self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
         self.mlflow_run_id = cfg.tracking.run_id
         if state is not None:
             self._restore(state)
@@ -220,7 +181,9 @@ class _Trainer:
         return state
 
     def _restore(self, state: dict) -> None:
-        self.raw_model.load_state_dict(state["model"])
+        self.raw_model.load_state_dict(state.get("train_model", state["model"]))
+        if self.ema is not None:  # "model" holds the EMA's weights when the checkpoint was trained with one
+            self.ema.load_state_dict({"module": state["model"], "updates": state.get("ema_updates", 0)})
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
         self.stopping.load_state_dict(state["early_stopping"])
@@ -271,7 +234,9 @@ class _Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss, logits = train_step(self.model, self.optimizer, x.contiguous(memory_format=torch.channels_last),
-                                      y, self.amp, cfg.optim.grad_clip, self.tet)
+                                      y, self.amp, cfg.optim.grad_clip, self.tet, cfg.optim.label_smoothing)
+            if self.ema is not None:
+                self.ema.update()
             # Device-side bookkeeping only: no .item() in the step.
             loss_sum += loss.double() * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
@@ -329,9 +294,13 @@ class _Trainer:
         return tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.cfg.run.epochs}", leave=False,
                     dynamic_ncols=True)
 
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.raw_model if self.ema is None else self.ema.module
+
     def evaluate(self, split: str) -> dict[str, float]:
         batches = self.data.eval_batches(split, self.cfg.run.eval_batch_size, self.env.world_size, self.env.rank)
-        return evaluate(self.raw_model, batches, split, amp=self.amp, env=self.env,
+        return evaluate(self.eval_model, batches, split, amp=self.amp, env=self.env,
                         firing_rates=self.cfg.run.firing_rates)  # counted in evaluation only
 
     def _state(self, epoch: int) -> dict[str, Any]:
@@ -340,7 +309,8 @@ class _Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "model_kwargs": model_kwargs(self.cfg),
-            "model": self.raw_model.state_dict(),
+            "model": self.eval_model.state_dict(),  # what evaluation scores: best.pt is the model to use
+            **({"train_model": self.raw_model.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}),
             "config": config_to_dict(self.cfg),
             "optimizer": self.optimizer.state_dict(),
             "epoch": epoch,
@@ -400,7 +370,7 @@ class _Trainer:
         if not self.history:
             raise RuntimeError("no epoch was trained (is the run already complete? see summary.json)")
         best = read_checkpoint(self.ckpts.best, map_location=self.device)  # shared storage
-        self.raw_model.load_state_dict(best["model"])
+        self.eval_model.load_state_dict(best["model"])
         test = self.evaluate("test")
         rates = {k[len("firing_rate/") :]: v for k, v in test.items() if k.startswith("firing_rate/")}
         summary = {
