@@ -337,7 +337,9 @@ class _Trainer:
                     stopped_early = True
                     break
                 t0 = time.perf_counter()
-                metrics = {**self._train_epoch(epoch), **self.evaluate("val")}
+                metrics = self._train_epoch(epoch)
+                t_val = time.perf_counter()
+                metrics.update(self.evaluate("val"), val_time_s=time.perf_counter() - t_val)
                 metrics.update(epoch_time_s=time.perf_counter() - t0, epoch=epoch + 1)
                 self.stopping.update(metrics["val_loss"])
                 is_best = metrics["val_acc"] > self.best_val_acc
