@@ -1,7 +1,7 @@
 """Sweep v_th, aa (or any training field) with Ray Tune + Optuna; every trial recorded in MLflow.
 
-    python tune.py --sweep sweeps/vth_aa.yaml [--address ADDR] [--resume] [--storage DIR]
-                   [--tracking_uri URI] [--num_samples N] [--field value ...]
+    python tune.py --sweep sweeps/vth_aa.yaml [--address ADDR] [--resume [NAME]] [--storage DIR]
+                   [--tracking_uri URI] [--num_samples N] [--metric M[,M2]] [--field value ...]
     python tune.py --schema        # the JSON Schema of a sweep file (sweeps/sweep.schema.json)
 
 ``--field value`` overrides the base training config of every trial (e.g. ``--epochs 2``); the sweep file
@@ -23,7 +23,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--address", help="join this Ray cluster (default: start a local one on this machine)"
     )
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="NAME",
+        help="continue the most recent sweep of the file's name, or the sweep NAME (e.g. smoke-2)",
+    )
     parser.add_argument(
         "--storage", help="directory of the Ray experiment directories (default ./ray_results)"
     )
@@ -31,6 +34,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "--tracking_uri", "--tracking-uri", help="MLflow tracking URI (overrides the sweep file)"
     )
     parser.add_argument("--num_samples", "--num-samples", type=int, help="trials in all (overrides the file)")
+    parser.add_argument(
+        "--metric", help="what to optimise (overrides the file's metric and mode): one metric, or several separated "
+        "by commas for a multi-objective sweep, e.g. val_acc,sops_per_image (each with its natural mode; ASHA off)",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --sweep FILE is required (see --help)", file=sys.stderr)
         return 2
     try:
-        sweep = load_sweep(args.sweep, train_cli, args.num_samples, args.tracking_uri)
+        metric = [m.strip() for m in args.metric.split(",")] if args.metric else None
+        sweep = load_sweep(args.sweep, train_cli, args.num_samples, args.tracking_uri, metric=metric)
         return run_sweep(sweep, address=args.address, resume=args.resume, storage=args.storage)
     except (ConfigError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataFormatError, DataNotFoundError, load_dataset, normalize
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum
-from .monitor import FiringRateMonitor, firing_rate_chart
+from .monitor import FiringRateMonitor, firing_rate_chart, spike_cost
 
 __all__ = ["evaluate", "evaluate_checkpoint", "main"]
 
@@ -33,8 +33,10 @@ __all__ = ["evaluate", "evaluate_checkpoint", "main"]
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], split: str, *, amp: torch.dtype | None = None,
              env: DistEnv | None = None, firing_rates: bool = False) -> dict[str, float]:
-    """``{split}_loss``, ``{split}_acc`` (%) and, with ``firing_rates``, ``firing_rate/<layer>`` of ``model`` over
-    ``batches`` of normalised ``(x, y)`` on its device; sums and counts are reduced over the ranks of ``env``."""
+    """``{split}_loss``, ``{split}_acc`` (%) of ``model`` over ``batches`` of normalised ``(x, y)`` on its device
+    and, with ``firing_rates``, its spike cost per image (``spikes_per_image``, ``sops_per_image``,
+    ``energy_uj_per_image``: :mod:`stbp.monitor`), the mean ``firing_rate`` of all spiking neurons and
+    ``firing_rate/<layer>``. Sums and counts are reduced over the ranks of ``env``; one host sync in all."""
     model.eval()
     dev = next(model.parameters()).device
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
@@ -52,14 +54,17 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], split: 
     if monitor is not None:
         spikes, counts = monitor.totals()
         spikes = torch.zeros(len(counts), device=dev, dtype=torch.float64) if spikes is None else spikes
-        parts += [spikes.double(), torch.tensor(counts, device=dev, dtype=torch.float64)]
+        parts += [monitor.cost_totals(dev), spikes.double(), torch.tensor(counts, device=dev, dtype=torch.float64)]
     totals = torch.cat([p.reshape(-1) for p in parts])
-    totals = (all_reduce_sum(totals, env) if env is not None else totals).tolist()
+    totals = (all_reduce_sum(totals, env) if env is not None else totals).tolist()  # the one sync
     n = totals[2]
     out = {f"{split}_loss": totals[0] / n, f"{split}_acc": 100.0 * totals[1] / n}
     if monitor is not None:
         k = len(monitor.names)
-        for name, s, c in zip(monitor.names, totals[3 : 3 + k], totals[3 + k :]):
+        out.update(spike_cost(*totals[3:6], images=n))
+        spikes, counts = totals[6 : 6 + k], totals[6 + k :]
+        out["firing_rate"] = sum(spikes) / sum(counts) if sum(counts) else 0.0
+        for name, s, c in zip(monitor.names, spikes, counts):
             out[f"firing_rate/{name}"] = s / c if c else 0.0
     return out
 
@@ -76,7 +81,7 @@ def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000, device: str
     batches = ((normalize(x, spec.mean, spec.std), y) for x, y in batches)
     result = evaluate(model, batches, "test", firing_rates=True)
     rates = {k.removeprefix("firing_rate/"): v for k, v in result.items() if k.startswith("firing_rate/")}
-    return {"test_acc": result["test_acc"], "test_loss": result["test_loss"], "firing_rates": rates}
+    return {**{k: v for k, v in result.items() if "/" not in k}, "firing_rates": rates}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"test accuracy {result['test_acc']:.2f}%  test loss {result['test_loss']:.4f}")
+    print(f"spike cost per image: {result['spikes_per_image']:,.0f} spikes, {result['sops_per_image']:,.0f} "
+          f"synaptic operations, {result['energy_uj_per_image']:.3f} uJ (45 nm estimate; stbp/monitor.py)")
+    print(f"mean firing rate {result['firing_rate']:.4f}; per spiking layer:")
     width = max(len(n) for n in result["firing_rates"])
     for name, rate in result["firing_rates"].items():
         print(f"  {name:<{width}}  {rate:.4f}  {'#' * round(rate * 100)}")

@@ -119,6 +119,14 @@ class SpikingResNet(nn.Module):
         nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
         nn.init.zeros_(self.fc1.bias)
 
+    def dense_fan_outs(self) -> dict[str, int]:
+        """The spiking layers that feed linear layers, by module path, and the synapses each of their spikes
+        reaches: the last block's spikes reach every fc1 unit through the average pool, lif_fc1's every output.
+        (The convolutions' synaptic operations are counted where they happen: :mod:`stbp.monitor`.)"""
+        last = self.stages[-1][-1].lif2
+        name = next(n for n, m in self.named_modules() if m is last)
+        return {name: self.fc1.out_features, "lif_fc1": self.fc2.out_features}
+
     def forward(self, images: Tensor, per_step: bool = False) -> Tensor:
         """``[N, C, H, W]`` -> ``[N, num_classes]``, the time-mean output; ``per_step``: ``[T, N, num_classes]``,
         the output at every time step (what TET's loss reads)."""

@@ -1,9 +1,18 @@
-"""Firing-rate monitor: the mean firing rate of every spiking layer, accumulated on the device.
+"""Firing-rate monitor: the mean firing rate of every spiking layer and the spike cost of the whole network,
+accumulated on the device.
 
-Nothing is recorded unless a monitor is attached: it registers forward hooks on the :class:`LIF` layers and
-removes them on :meth:`FiringRateMonitor.close` (or on leaving its ``with`` block). The hooks add each layer's
-spike count to a device tensor, so ``forward`` never waits for the host; reading :meth:`rates` is the only
-sync.
+Nothing is recorded unless a monitor is attached: it registers forward hooks on the :class:`LIF` layers (spikes)
+and on the convolutions (synaptic operations) and removes them on :meth:`FiringRateMonitor.close` (or on leaving
+its ``with`` block). The hooks add to device tensors, so ``forward`` never waits for the host; reading the totals
+is the only sync.
+
+**Spike cost**, the usual SNN energy proxy. A synaptic operation (SOP) is one spike reaching one synapse: an
+accumulate of one weight. Every convolution that sees spikes counts its SOPs exactly, borders and strides
+included: ``C_out x sum over output positions of the spikes in the window`` (one extra single-channel convolution
+per layer, in evaluation only). Spikes that reach a linear layer (through the global average pool) count
+``out_features`` each (``model.dense_fan_outs()``). The stem convolution sees pixels, not spikes: its
+multiply-accumulates (MACs) are counted apart. Energy on 45 nm CMOS (Horowitz, ISSCC 2014, 32-bit float, as SNN
+papers estimate it): ``E = E_AC x SOPs + E_MAC x MACs``.
 """
 
 from __future__ import annotations
@@ -11,11 +20,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conv import SpikeConv2d
 from .neuron import LIF
 
-__all__ = ["FiringRateMonitor", "firing_rate_chart"]
+__all__ = ["FiringRateMonitor", "spike_cost", "firing_rate_chart", "E_AC_PJ", "E_MAC_PJ"]
+
+E_AC_PJ = 0.9  #: pJ per accumulate (a 32-bit float add, 45 nm; Horowitz 2014): the cost of one SOP
+E_MAC_PJ = 4.6  #: pJ per multiply-accumulate (3.7 pJ multiply + 0.9 pJ add, 32-bit float, 45 nm; Horowitz 2014)
 
 
 class FiringRateMonitor:
@@ -39,6 +53,16 @@ class FiringRateMonitor:
             self._handles.append(module.register_forward_hook(self._hook(i)))
         self._spikes: Tensor | None = None
         self._counts = [0] * len(lifs)
+        # Spike cost: exact SOPs of the convolutions that see spikes, MACs of those that see pixels.
+        dense = getattr(_unwrap(model), "dense_fan_outs", dict)()
+        self._fan_out = [float(dense.get(name, 0)) for name in self.names]
+        self._sops: Tensor | None = None
+        self._macs = 0
+        for module in model.modules():
+            if isinstance(module, SpikeConv2d):
+                self._handles.append(module.register_forward_pre_hook(self._sop_hook))
+            elif isinstance(module, nn.Conv2d):
+                self._handles.append(module.register_forward_hook(self._mac_hook))
 
     def _hook(self, index: int):
         def hook(module, inputs, output):
@@ -52,14 +76,37 @@ class FiringRateMonitor:
 
         return hook
 
+    def _sop_hook(self, conv: nn.Conv2d, inputs) -> None:
+        spikes = inputs[0].detach()
+        with torch.autocast(spikes.device.type, enabled=False):  # exact integer counts: no bf16 here
+            per_position = spikes.sum(1, keepdim=True, dtype=torch.float32)
+            window = torch.ones(1, 1, *conv.kernel_size, device=spikes.device)
+            reached = F.conv2d(per_position, window, stride=conv.stride, padding=conv.padding)
+        sops = reached.sum(dtype=torch.float64) * conv.out_channels
+        self._sops = sops if self._sops is None else self._sops + sops
+
+    def _mac_hook(self, conv: nn.Conv2d, inputs, output) -> None:
+        self._macs += output.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+
     def reset(self) -> None:
         if self._spikes is not None:
             self._spikes.zero_()
         self._counts = [0] * len(self.names)
+        self._sops, self._macs = None, 0
 
     def totals(self) -> tuple[Tensor | None, list[int]]:
         """Spike sums (device tensor, one per layer) and element counts: what ranks all-reduce."""
         return self._spikes, list(self._counts)
+
+    def cost_totals(self, device: torch.device) -> Tensor:
+        """``[spikes, SOPs, MACs]`` summed over everything seen (a float64 device tensor; no sync): what ranks
+        all-reduce before :func:`spike_cost` divides by the images."""
+        spikes = self._spikes if self._spikes is not None else torch.zeros(len(self.names), device=device,
+                                                                          dtype=torch.float64)
+        dense = (spikes * torch.tensor(self._fan_out, device=device, dtype=torch.float64)).sum()
+        conv = self._sops if self._sops is not None else torch.zeros((), device=device, dtype=torch.float64)
+        return torch.stack([spikes.sum(), conv + dense, torch.tensor(float(self._macs), device=device,
+                                                                     dtype=torch.float64)])
 
     def rates(self) -> dict[str, float]:
         """``{layer name: firing rate}``; syncs with the device once."""
@@ -78,6 +125,19 @@ class FiringRateMonitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def spike_cost(spikes: float, sops: float, macs: float, images: float) -> dict[str, float]:
+    """Per image: ``spikes_per_image`` (every spike of every spiking layer over all T steps), ``sops_per_image``
+    and ``energy_uj_per_image`` (``E_AC_PJ x SOPs + E_MAC_PJ x MACs``, in microjoules)."""
+    return {"spikes_per_image": spikes / images, "sops_per_image": sops / images,
+            "energy_uj_per_image": (E_AC_PJ * sops + E_MAC_PJ * macs) / images * 1e-6}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP, torch.compile
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 def firing_rate_chart(rates: dict[str, float], path: str | Path) -> Path | None:

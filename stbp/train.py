@@ -35,6 +35,9 @@ from .tdbn import convert_sync_tdbn
 __all__ = ["train", "train_step", "tet_loss", "EarlyStopping", "TrainingDiverged", "Callback", "lr_at", "model_kwargs",
            "amp_dtype", "cpu_has_native_bf16"]  # the recipe's names stay importable from here
 
+#: The spike-cost metrics evaluation reports with firing rates on (stbp.monitor), per epoch on the validation set.
+SPIKE_COST = ("spikes_per_image", "sops_per_image", "energy_uj_per_image", "firing_rate")
+
 Callback = Callable[[int, dict[str, float], "str | None"], None]
 
 
@@ -355,7 +358,9 @@ class _Trainer:
                     f"epoch {epoch + 1}/{cfg.run.epochs}  train loss {metrics['train_loss']:.4f} "
                     f"acc {metrics['train_acc']:.2f}%  val loss {metrics['val_loss']:.4f} "
                     f"acc {metrics['val_acc']:.2f}%  lr {metrics['lr']:.2e}  "
-                    f"{metrics['images_per_s']:.0f} img/s  {metrics['epoch_time_s']:.1f}s", flush=True
+                    f"{metrics['images_per_s']:.0f} img/s  {metrics['epoch_time_s']:.1f}s"
+                    + (f"  {metrics['sops_per_image'] / 1e6:.2f}M SOPs/image" if "sops_per_image" in metrics else ""),
+                    flush=True,
                 )
                 barrier(env)
                 if self.callback is not None:
@@ -385,19 +390,23 @@ class _Trainer:
             "images_per_s": sum(m["images_per_s"] for m in self.history) / len(self.history),
             "world_size": self.env.world_size,
             "mlflow_run_id": self.mlflow_run_id,
+            **{k: test[k] for k in SPIKE_COST if k in test},  # on the test set
             "firing_rates": rates,
             "output_dir": str(self.out),
         }
         if self.env.is_primary:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.tracker.log_metrics({"test_acc": test["test_acc"], "test_loss": test["test_loss"]},
+            self.tracker.log_metrics({f"test_{k}" if k in SPIKE_COST else k: test[k]
+                                      for k in ("test_acc", "test_loss", *SPIKE_COST) if k in test},
                                      step=len(self.history))
             self.tracker.log_artifact(self.out / "summary.json")
             chart = firing_rate_chart(rates, self.out / "firing_rates.png")
             if chart is not None:
                 self.tracker.log_artifact(chart)
             self.tracker.finish("FINISHED")
-            self.log(f"[stbp] test accuracy {test['test_acc']:.2f}% (best epoch {summary['best_epoch']}); "
+            cost = (f", {test['sops_per_image']:,.0f} synaptic operations per image "
+                    f"({test['energy_uj_per_image']:.3f} uJ)" if "sops_per_image" in test else "")
+            self.log(f"[stbp] test accuracy {test['test_acc']:.2f}% (best epoch {summary['best_epoch']}){cost}; "
                      f"model {self.ckpts.best}; summary in {self.out / 'summary.json'}")
         return summary
 

@@ -134,3 +134,36 @@ def test_a_few_adam_steps_on_real_mnist_lower_the_loss(mnist):
     with torch.no_grad():
         after = F.cross_entropy(model(x), y).item()
     assert after < 0.85 * before, (before, after)
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_spike_cost_counts_every_synaptic_operation_like_an_im2col_count(amp):
+    """SOPs against a second count: every spiking convolution's input unfolded into its windows (im2col: one column
+    per output position, borders and strides included), each spike in a window reaching all C_out outputs; the
+    spikes into the pool reach all 256 fc1 units, lif_fc1's all 10 outputs. Energy: 0.9 pJ/SOP + 4.6 pJ/MAC."""
+    from stbp.conv import SpikeConv2d
+    from stbp.evaluate import evaluate
+
+    torch.manual_seed(0)
+    m = resnet19(width=0.0625, timesteps=2, v_th=0.2)
+    sops, spikes, neuron_steps = [0.0], {}, [0]
+    for name, mod in m.named_modules():
+        if isinstance(mod, SpikeConv2d):
+            def count(mod, inputs):
+                cols = F.unfold(inputs[0].detach().float(), mod.kernel_size, padding=mod.padding, stride=mod.stride)
+                sops[0] += cols.sum().item() * mod.out_channels
+            mod.register_forward_pre_hook(count)
+        if isinstance(mod, LIF):
+            def fired(mod, inputs, out, name=name):
+                out = out[0] if isinstance(out, tuple) else out
+                spikes[name] = spikes.get(name, 0.0) + out.double().sum().item()
+                neuron_steps[0] += out.numel()
+            mod.register_forward_hook(fired)
+    x, y = torch.randn(6, 1, 28, 28), torch.arange(6)
+    result = evaluate(m, [(x[:4], y[:4]), (x[4:], y[4:])], "val", amp=amp, firing_rates=True)
+    sops = sops[0] + spikes["stages.2.1.lif2"] * 256 + spikes["lif_fc1"] * 10
+    macs = 6 * 28 * 28 * 8 * 1 * 9  # the stem: 8 output channels of 3x3 over one input channel, once for all T
+    assert sops > 1e4 and result["sops_per_image"] == pytest.approx(sops / 6, rel=1e-12)
+    assert result["spikes_per_image"] == pytest.approx(sum(spikes.values()) / 6, rel=1e-12)
+    assert result["energy_uj_per_image"] == pytest.approx((0.9 * sops + 4.6 * macs) / 6 * 1e-6, rel=1e-12)
+    assert result["firing_rate"] == pytest.approx(sum(spikes.values()) / neuron_steps[0], rel=1e-12)

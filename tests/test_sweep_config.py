@@ -130,12 +130,13 @@ def test_resolved_sweep_records_the_overrides(tmp_path):
         ("search.num_samples", 0, ["search.num_samples must be >= 1, got 0"]),
         ("search.max_concurrent", 0, ["search.max_concurrent must be >= 1"]),
         ("search.searcher", "hyperopt", ["search.searcher must be one of 'optuna'", "'hyperopt'"]),
-        ("search.sampler", "grid", ["search.sampler must be one of 'tpe', 'random'"]),
+        ("search.sampler", "grid", ["search.sampler must be one of 'tpe', 'nsga2', 'random'"]),
         ("scheduler.type", "pbt", ["scheduler.type must be one of 'asha', 'none'", "'pbt'"]),
         ("scheduler.grace_period", 2, ["scheduler.grace_period (2) must be < max_t (2)", "scheduler: none"]),
         ("scheduler.max_t", 5, ["scheduler.max_t (5) exceeds the trial's epochs (2)"]),
         ("scheduler.reduction_factor", 1, ["scheduler.reduction_factor must be > 1"]),
-        ("metric", "test_acc", ["metric must be one of 'val_acc', 'val_loss', 'train_acc', 'train_loss'"]),
+        ("metric", "test_acc", ["metric must be one of 'val_acc', 'val_loss', 'train_acc', 'train_loss', "
+                                "'spikes_per_image'"]),
         ("mode", "maximum", ["mode must be one of 'max', 'min'"]),
         ("resources.gpus", -1, ["resources.gpus must be >= 0"]),
         ("resources.workers", 0, ["resources.workers must be >= 1"]),
@@ -324,12 +325,23 @@ def test_an_unreachable_tracking_server_is_refused_before_ray(tmp_path, no_ray_s
         run_sweep(sweep, storage=tmp_path / "ray")
 
 
-def test_an_existing_sweep_is_not_overwritten_without_resume(tmp_path, no_ray_started):
-    sweep = load_sweep(write(tmp_path, BASE))
-    (tmp_path / "ray" / "t").mkdir(parents=True)
-    (tmp_path / "ray" / "t" / "mlflow_parent.json").write_text("{}")
-    with pytest.raises(SweepError, match="already exists .* pass --resume"):
-        run_sweep(sweep, storage=tmp_path / "ray")
+def test_running_a_sweep_again_names_a_new_one_and_resume_picks_the_latest_or_the_named(tmp_path):
+    from stbp.sweep.run import _resolve_sweep
+
+    sweep, storage = load_sweep(write(tmp_path, BASE)), tmp_path / "ray"
+    assert _resolve_sweep(sweep, storage, False).name == "t"  # the first
+    for name in ("t", "t-2"):  # started: the MLflow parent is recorded
+        (storage / name).mkdir(parents=True)
+        (storage / name / "mlflow_parent.json").write_text("{}")
+    third = _resolve_sweep(sweep, storage, False)
+    assert (third.name, third.experiment) == ("t-3", sweep.experiment)  # one experiment: trials compare
+    assert _resolve_sweep(sweep, storage, True).name == "t-2"  # --resume: the most recent
+    assert _resolve_sweep(sweep, storage, "t").name == "t"  # --resume t: that one
+    (storage / "t-3").mkdir()
+    (storage / "t-3" / "sweep.yaml").write_text("{}")  # stopped before it started: started again, not skipped
+    assert _resolve_sweep(sweep, storage, False).name == "t-3"
+    with pytest.raises(SweepError, match="--resume other: not a sweep of this file"):
+        _resolve_sweep(sweep, storage, "other")
 
 
 def test_resume_without_a_sweep_to_resume_is_refused(tmp_path, no_ray_started):
@@ -383,3 +395,45 @@ def test_dashboard_port_is_free_and_outside_the_ports_the_kernel_hands_out():
     assert len(ports) > 1  # drawn at random, not a fixed port two sweeps on one machine would share
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports.pop()))  # free when returned
+
+
+# ---------------------------------------------------------------- multi-objective sweeps
+
+MULTI = {**BASE, "metric": ["val_acc", "sops_per_image"], "scheduler": "none", "search": {"num_samples": 3}}
+
+
+def test_a_metric_list_is_a_multi_objective_sweep_with_natural_modes(tmp_path):
+    sweep = load_sweep(write(tmp_path, MULTI))
+    assert (sweep.metrics, sweep.modes, sweep.multi_objective) == (("val_acc", "sops_per_image"), ("max", "min"), True)
+    given = load_sweep(write(tmp_path, {**MULTI, "mode": ["max", "max"], "search": {"sampler": "nsga2"}}))
+    assert given.modes == ("max", "max") and given.search.sampler == "nsga2"
+    one = load_sweep(write(tmp_path, {**BASE, "metric": ["val_loss"]}))  # a list of one is one metric
+    assert (one.metric, one.mode, one.multi_objective) == ("val_loss", "min", False)
+    assert sweep_to_dict(sweep)["metric"] == ["val_acc", "sops_per_image"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"mode": ["max"]}, "metric and mode must have the same length"),
+        ({"mode": "max"}, "metric and mode must have the same length"),
+        ({"metric": ["val_acc", "sops_per_imag"]}, "metric[1] must be one of 'val_acc'"),
+        ({"metric": ["val_acc", "sops_per_imag"]}, "(did you mean 'sops_per_image'?)"),
+        ({"metric": ["val_acc", "val_acc"]}, "metric must name each metric once"),
+        ({"mode": ["max", "down"]}, "mode[1] must be one of 'max', 'min', got 'down'"),
+        ({"scheduler": {"type": "asha", "grace_period": 1}}, "scheduler: asha ranks trials by one metric"),
+        ({"scheduler": {"type": "asha", "grace_period": 1}}, "`scheduler: none` for a multi-objective sweep"),
+        ({"train": {"preset": "tiny", "epochs": 2, "firing_rates": False}}, "train.firing_rates must stay true"),
+    ],
+)
+def test_a_bad_metric_list_is_refused_naming_the_key(tmp_path, change, expected):
+    message = error_of(write(tmp_path, {**MULTI, **change}))
+    assert expected in message, message
+
+
+def test_one_metric_override_makes_the_smoke_sweep_multi_objective_and_says_asha_is_off(capsys):
+    sweep = load_sweep(ROOT / "sweeps" / "smoke.yaml", metric=["val_acc", "sops_per_image"])
+    assert sweep.metrics == ("val_acc", "sops_per_image") and sweep.modes == ("max", "min")
+    assert sweep.scheduler.type == "none" and "ASHA (which ranks trials by one) is off" in capsys.readouterr().out
+    single = load_sweep(ROOT / "sweeps" / "smoke.yaml", metric=["sops_per_image"])
+    assert (single.metric, single.mode, single.scheduler.type) == ("sops_per_image", "min", "asha")

@@ -25,8 +25,8 @@ from ..tracking import TrackingError, experiment_id
 if TYPE_CHECKING:
     from .spec import Sweep
 
-__all__ = ["SweepRecord", "SweepCallback", "TrialRow", "open_sweep_record", "child_run", "fail_child", "collect_rows",
-           "mark_parent"]
+__all__ = ["SweepRecord", "SweepCallback", "TrialRow", "COST_METRICS", "open_sweep_record", "child_run", "fail_child",
+           "collect_rows", "mark_parent"]
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
@@ -80,8 +80,8 @@ def open_sweep_record(sweep: Sweep, tracking_uri: str, sweep_dir: Path, resolved
             "searcher": sweep.search.searcher,
             "sampler": sweep.search.sampler,
             "scheduler": scheduler,
-            "metric": sweep.metric,
-            "mode": sweep.mode,
+            "metric": ",".join(sweep.metrics),
+            "mode": ",".join(sweep.modes),
             "sweep_dir": str(sweep_dir),
         },
     )
@@ -221,9 +221,14 @@ def mark_parent(record: SweepRecord, status: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: Reported with every row: what the trial's last epoch cost in spikes (on the validation set).
+COST_METRICS = ("spikes_per_image", "sops_per_image", "energy_uj_per_image")
+
+
 @dataclass
 class TrialRow:
-    """One trial as MLflow recorded it; ``value`` is its best metric over the epochs it ran."""
+    """One trial as MLflow recorded it; ``value`` is its best (first) metric over the epochs it ran, ``last``
+    every metric of the sweep and the spike cost at its last epoch (what a multi-objective searcher was told)."""
 
     trial_id: str
     run_id: str
@@ -232,6 +237,7 @@ class TrialRow:
     value: float | None
     epochs: int
     tags: dict[str, str] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
 
     @property
     def error(self) -> str:
@@ -263,10 +269,16 @@ def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
     last)."""
     client = record.client()
     rows = []
+    metric, mode = sweep.metrics[0], sweep.modes[0]
     for run in _children(client, record):
-        history = client.get_metric_history(run.info.run_id, sweep.metric)
+        history = client.get_metric_history(run.info.run_id, metric)
         values = [m.value for m in history if math.isfinite(m.value)]
-        best = (max if sweep.mode == "max" else min)(values) if values else None
+        best = (max if mode == "max" else min)(values) if values else None
+        last = {}
+        for name in dict.fromkeys((*sweep.metrics, *COST_METRICS)):
+            points = history if name == metric else client.get_metric_history(run.info.run_id, name)
+            if points and math.isfinite(final := max(points, key=lambda m: m.step).value):
+                last[name] = final
         rows.append(
             TrialRow(
                 trial_id=run.data.tags.get(TRIAL_TAG, "?"),
@@ -276,9 +288,10 @@ def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
                 value=best,
                 epochs=len({m.step for m in history}),
                 tags=dict(run.data.tags),
+                last=last,
             )
         )
-    sign = -1.0 if sweep.mode == "max" else 1.0
+    sign = -1.0 if mode == "max" else 1.0
     # A failed trial (e.g. diverged after a good epoch) never ranks above one that trained to its end.
     return sorted(
         rows, key=lambda r: (r.value is None, r.status == "FAILED", sign * (r.value or 0.0), r.trial_id)

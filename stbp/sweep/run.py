@@ -7,6 +7,7 @@ cluster (or the one given), Optuna's searcher and ASHA under Ray Tune, then the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -38,11 +39,12 @@ def _searcher(sweep: Sweep):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune reports the trials already
     s = sweep.search
-    sampler_cls = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}[s.sampler]
-    searcher = OptunaSearch(
+    sampler_cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
+                   "random": optuna.samplers.RandomSampler}[s.sampler]
+    searcher = OptunaSearch(  # with several metrics, Optuna's study has one direction per metric
         space={name: p.distribution() for name, p in sweep.space.items()},
-        metric=sweep.metric,
-        mode=sweep.mode,
+        metric=list(sweep.metrics) if sweep.multi_objective else sweep.metric,
+        mode=list(sweep.modes) if sweep.multi_objective else sweep.mode,
         points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None,
         sampler=sampler_cls(seed=s.seed),
     )
@@ -81,8 +83,8 @@ def _tuner(sweep: Sweep, plan: TrialPlan, sweep_dir: Path, resume: bool):
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=sweep.metric,
-            mode=sweep.mode,
+            metric=None if sweep.multi_objective else sweep.metric,  # the searcher has them; no scheduler needs one
+            mode=None if sweep.multi_objective else sweep.mode,
             search_alg=_searcher(sweep),
             scheduler=_scheduler(sweep),
             num_samples=sweep.search.num_samples,
@@ -103,16 +105,46 @@ def _tuner(sweep: Sweep, plan: TrialPlan, sweep_dir: Path, resume: bool):
     )
 
 
+def _started(sweep_dir: Path) -> bool:
+    """It has its MLflow parent (or Tune state): a sweep that stopped before starting is not one."""
+    return (sweep_dir / STATE_FILE).exists() or any(sweep_dir.glob("experiment_state-*.json"))
+
+
+def _instances(storage: Path, name: str) -> list[tuple[int, Path]]:
+    """The sweeps of one name in ``storage`` (``name``, ``name-2``, ``name-3``...), in order."""
+    found = [(1, storage / name)] + [
+        (int(p.name[len(name) + 1 :]), p) for p in storage.glob(f"{name}-*") if p.name[len(name) + 1 :].isdigit()
+    ]
+    return sorted((n, p) for n, p in found if (p / SWEEP_FILE).is_file() or _started(p))
+
+
+def _resolve_sweep(sweep: Sweep, storage: Path, resume: bool | str) -> Sweep:
+    """The sweep this command runs. Afresh: the file's name, or the next ``name-N`` when sweeps of that name exist
+    (nothing recorded is touched; one that stopped before it started is started again). ``resume=True``: the most
+    recent sweep of the name; a string: that one."""
+    runs = _instances(storage, sweep.name)
+    if isinstance(resume, str):
+        suffix = resume[len(sweep.name) + 1 :]
+        _require(resume == sweep.name or (resume.startswith(f"{sweep.name}-") and suffix.isdigit()),
+                 f"--resume {resume}: not a sweep of this file, whose sweeps are named {sweep.name}, "
+                 f"{sweep.name}-2, ...")
+        name = resume
+    elif resume:
+        _require(bool(runs), f"nothing to resume: no sweep {sweep.name!r} in {storage} (see --storage)")
+        name = runs[-1][1].name
+    elif not runs or not _started(runs[-1][1]):
+        name = runs[-1][1].name if runs else sweep.name
+    else:
+        name = f"{sweep.name}-{runs[-1][0] + 1}"
+    if name == sweep.name:
+        return sweep
+    # Another sweep of the same file: the same MLflow experiment, so that their trials compare side by side.
+    return dataclasses.replace(sweep, name=name, mlflow=dataclasses.replace(sweep.mlflow, experiment=sweep.experiment))
+
+
 def _check_sweep_dir(sweep: Sweep, sweep_dir: Path, resume: bool, tracking_uri: str) -> None:
     saved = sweep_dir / SWEEP_FILE
     if not resume:
-        # Started = it has its MLflow parent (or Tune state): a sweep that stopped before is not one.
-        started = (sweep_dir / STATE_FILE).exists() or any(sweep_dir.glob("experiment_state-*.json"))
-        _require(
-            not started,
-            f"a sweep named {sweep.name!r} already exists in {sweep_dir}: pass --resume to continue it, or "
-            "start afresh with another --storage (or after deleting that directory)",
-        )
         return
     _require(saved.is_file(), f"nothing to resume: no sweep {sweep.name!r} in {sweep_dir} (see --storage)")
     before, now = yaml.safe_load(saved.read_text()), sweep_to_dict(sweep)
@@ -197,13 +229,15 @@ def run_sweep(
     sweep: Sweep,
     *,
     address: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     storage: str | os.PathLike | None = None,
 ) -> int:
-    """Run (or with ``resume`` continue) a sweep; returns the exit status (0 done, 130 interrupted).
+    """Run a sweep; returns the exit status (0 done, 130 interrupted).
 
-    Everything that can refuse does so before Ray starts. ``storage`` holds the Ray experiment directories
-    (default ``./ray_results``); ``address`` joins an existing Ray cluster instead of starting a local one.
+    A sweep whose name was run before in ``storage`` (default ``./ray_results``, which holds the Ray experiment
+    directories) runs as ``<name>-2``, ``-3``...; ``resume=True`` continues the most recent one instead, and
+    ``resume="<name>-2"`` that one. Everything that can refuse does so before Ray starts. ``address`` joins an
+    existing Ray cluster instead of starting a local one.
     """
     import ray
 
@@ -211,8 +245,11 @@ def run_sweep(
 
     tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri)
     check_tracking_uri(tracking_uri)
-    sweep_dir = Path(storage or "ray_results").expanduser().resolve() / sweep.name
+    storage = Path(storage or "ray_results").expanduser().resolve()
+    sweep = _resolve_sweep(sweep, storage, resume)
+    sweep_dir = storage / sweep.name
     _check_sweep_dir(sweep, sweep_dir, resume, tracking_uri)
+    print(f"[sweep] {'continuing' if resume else 'starting'} sweep {sweep.name!r} in {sweep_dir}", flush=True)
     if not address:
         _check_local_resources(sweep.resources)
         _check_data(sweep.train)
@@ -233,7 +270,7 @@ def run_sweep(
         resources=sweep.resources,
         keep_checkpoints=sweep.checkpoints.num_to_keep,
         data_dir=str(resolve_data_dir(sweep.train.data.data_dir)),
-        metric=sweep.metric,
+        metrics=sweep.metrics,
     )
     try:
         _start_ray(address)

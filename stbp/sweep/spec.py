@@ -30,93 +30,22 @@ from ..config import (
     parse_cli,
 )
 from ..validation import Rule, Word, build, did_you_mean, init_fields, load_yaml, section, unknown_key
+from .errors import SweepError
+from .space import PARAMS, Choice, IntRange, Param, Range
 
 __all__ = ["SweepError", "Range", "IntRange", "Choice", "Search", "Scheduler", "Resources", "Failures", "Mlflow",
            "Checkpoints", "Sweep", "load_sweep", "sweep_to_dict", "sweep_yaml", "METRICS", "TRIAL_OWNED_FIELDS"]
 
 
-class SweepError(ConfigError):
-    """An invalid sweep file or sweep option; raised before anything starts."""
-
-    key_noun = "sweep key"
-
-
-#: The metrics the trainer reports every epoch that a sweep can optimise.
-METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
+#: The metrics the trainer reports every epoch that a sweep can optimise (the spike cost is the validation set's).
+METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "spikes_per_image", "sops_per_image",
+           "energy_uj_per_image", "firing_rate")
 #: Training fields every trial sets for itself: a sweep may neither set nor search them.
-TRIAL_OWNED_FIELDS = ("output_dir", "resume", "run_id", "tracking_uri", "experiment", "mlflow", "run_name")
+TRIAL_OWNED_FIELDS = ("output_dir", "resume", "run_id", "tracking_uri", "experiment", "mlflow", "run_name",
+                      "register_model")
 
 sweep_section = functools.partial(section, error=SweepError)
-Number = Annotated[float, Word("a number")]
 AtLeast1 = Annotated[int, Field(ge=1)]
-
-
-class _Interval:
-    """``low < high``; the shared half of :class:`Range` and :class:`IntRange`."""
-
-    def __post_init__(self) -> None:
-        if not self.low < self.high:
-            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
-        if self.type == "loguniform" and self.low <= 0:
-            raise ValueError(f"loguniform needs low > 0, got low={self.low}")
-
-    def contains(self, value: Any) -> bool:
-        number = (int,) if self.type == "int" else (int, float)
-        return isinstance(value, number) and not isinstance(value, bool) and self.low <= value <= self.high
-
-    def describe(self) -> str:
-        return f"{self.type}[{self.low}, {self.high}]"
-
-
-@sweep_section
-class Range(_Interval):
-    """A float drawn from [low, high], uniformly or log-uniformly."""
-
-    type: Literal["uniform", "loguniform"]
-    low: Number
-    high: Number
-
-    def distribution(self):
-        from optuna.distributions import FloatDistribution
-
-        return FloatDistribution(self.low, self.high, log=self.type == "loguniform")
-
-
-@sweep_section
-class IntRange(_Interval):
-    """An int drawn from [low, high]."""
-
-    type: Literal["int"]
-    low: int
-    high: int
-
-    def distribution(self):
-        from optuna.distributions import IntDistribution
-
-        return IntDistribution(self.low, self.high)
-
-
-@sweep_section
-class Choice:
-    """One of ``values``."""
-
-    type: Literal["choice"]
-    values: Annotated[tuple[bool | int | float | str | None, ...], Field(min_length=1, strict=False)]
-
-    def contains(self, value: Any) -> bool:
-        return value in self.values
-
-    def describe(self) -> str:
-        return f"choice{list(self.values)}"
-
-    def distribution(self):
-        from optuna.distributions import CategoricalDistribution
-
-        return CategoricalDistribution(list(self.values))
-
-
-Param = Range | IntRange | Choice
-_PARAMS = {"uniform": Range, "loguniform": Range, "int": IntRange, "choice": Choice}
 
 
 @sweep_section
@@ -125,8 +54,8 @@ class Search:
 
     searcher: Literal["optuna"] = "optuna"
     """The only searcher."""
-    sampler: Literal["tpe", "random"] = "tpe"
-    """Optuna's sampler."""
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    """Optuna's sampler: 'tpe' (one or more metrics), 'nsga2' (NSGA-II, for several metrics) or 'random'."""
     seed: int | None = 0
     """The sampler's seed (null = random)."""
     points_to_evaluate: tuple[dict[str, Any], ...] = ()
@@ -176,6 +105,8 @@ class Failures:
 
 
 NonEmpty = Annotated[str, Field(pattern=r"\S")]
+Metric = Literal[METRICS]  # type: ignore[valid-type]
+Mode = Literal["max", "min"]
 
 
 @sweep_section
@@ -208,10 +139,11 @@ class Sweep:
     """The searched training fields: {type: uniform|loguniform|int, low, high} or {type: choice, values}."""
     search: Search = field(default_factory=Search)
     scheduler: Scheduler = field(default_factory=Scheduler)
-    metric: Literal[METRICS] = "val_acc"  # type: ignore[valid-type]
-    """What the searcher and the scheduler optimise, reported every epoch."""
-    mode: Literal["max", "min"] = "max"
-    """max or min (default: max for *_acc, min for *_loss)."""
+    metric: Metric | tuple[Metric, ...] = "val_acc"
+    """What the searcher (and the scheduler) optimise, reported every epoch; a list for a multi-objective sweep,
+    e.g. [val_acc, sops_per_image], whose report is the Pareto front."""
+    mode: Mode | tuple[Mode, ...] = "max"
+    """max or min, one per metric (default: max for *_acc, min for the others)."""
     resources: Resources = field(default_factory=Resources)
     failures: Failures = field(default_factory=Failures)
     mlflow: Mlflow = field(default_factory=Mlflow)
@@ -230,6 +162,19 @@ class Sweep:
     @property
     def param_names(self) -> list[str]:
         return list(self.space)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics, a tuple even for one; the first ranks the trials in tables."""
+        return (self.metric,) if isinstance(self.metric, str) else tuple(self.metric)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return (self.mode,) if isinstance(self.mode, str) else tuple(self.mode)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
 
 
 FILE_KEYS = tuple(init_fields(Sweep))
@@ -266,9 +211,9 @@ def _read_space(raw: Any, base: Config) -> dict[str, Param]:
                              f"valid fields: {', '.join(searchable)}")
         if not isinstance(spec, Mapping):
             raise SweepError(f"{where} must be a mapping like {{type: uniform, low: 0.2, high: 0.8}}, got {spec!r}")
-        if spec.get("type") not in _PARAMS:
-            raise SweepError(f"{where}.type must be one of {', '.join(map(repr, _PARAMS))}, got {spec.get('type')!r}")
-        param = space[name] = build(_PARAMS[spec["type"]], spec, where)
+        if spec.get("type") not in PARAMS:
+            raise SweepError(f"{where}.type must be one of {', '.join(map(repr, PARAMS))}, got {spec.get('type')!r}")
+        param = space[name] = build(PARAMS[spec["type"]], spec, where)
         values = enumerate(param.values) if isinstance(param, Choice) else (("low", param.low), ("high", param.high))
         for key, value in values:
             try:
@@ -302,8 +247,40 @@ def _read_points(points: Any, space: Mapping[str, Param]) -> tuple[dict, ...]:
     return tuple(out)
 
 
-def _read_scheduler(raw: Any, epochs: int) -> Scheduler:
+def _read_objectives(metric: Any, mode: Any) -> tuple[Any, Any]:
+    """``metric`` and ``mode`` checked: one metric and one mode, or lists of equal length (a missing mode is the
+    metric's natural one: max for *_acc, min for the others)."""
+    many = isinstance(metric, (list, tuple))
+    metrics = list(metric) if many else [metric]
+    for i, m in enumerate(metrics):
+        if m not in METRICS:
+            where = f"metric[{i}]" if many else "metric"
+            choices = ", ".join(map(repr, METRICS))
+            raise SweepError(f"{where} must be one of {choices}, got {m!r}{did_you_mean(m, METRICS)}")
+    if not metrics or len(set(metrics)) < len(metrics):
+        raise SweepError(f"metric must name each metric once, got {metrics}")
+    if mode is None:
+        modes = ["max" if m.endswith("_acc") else "min" for m in metrics]
+    else:
+        modes = list(mode) if isinstance(mode, (list, tuple)) else [mode]
+        if isinstance(mode, (list, tuple)) != many or len(modes) != len(metrics):
+            raise SweepError(f"metric and mode must have the same length: metric is {metric!r}, mode {mode!r} "
+                             "(one mode per metric: max or min)")
+        for i, m in enumerate(modes):
+            if m not in ("max", "min"):
+                where = f"mode[{i}]" if many else "mode"
+                raise SweepError(f"{where} must be one of 'max', 'min', got {m!r}")
+    return (tuple(metrics), tuple(modes)) if len(metrics) > 1 else (metrics[0], modes[0])
+
+
+def _read_scheduler(raw: Any, epochs: int, metric: Any = "val_acc") -> Scheduler:
     sched = build(Scheduler, {"type": raw} if isinstance(raw, str) else raw, "scheduler")  # `scheduler: none`
+    if sched.type == "asha" and isinstance(metric, tuple):
+        raise SweepError(
+            f"scheduler: asha ranks trials by one metric, but this sweep has {len(metric)} ({', '.join(metric)}): "
+            "it would stop trials that trade one for another, the very trials a Pareto front is made of. Set "
+            "`scheduler: none` for a multi-objective sweep"
+        )
     max_t = sched.max_t or epochs
     if sched.type == "asha" and max_t > epochs:
         raise SweepError(f"scheduler.max_t ({max_t}) exceeds the trial's epochs ({epochs}); lower it or leave "
@@ -319,16 +296,27 @@ def load_sweep(
     train_cli: Sequence[str] = (),
     num_samples: int | None = None,
     tracking_uri: str | None = None,
+    metric: Sequence[str] | None = None,
 ) -> Sweep:
     """Read and validate a sweep file; :class:`SweepError` (a ConfigError) names the bad key.
 
     ``train_cli`` (``--field value`` ...) overrides the base training config of every trial; ``num_samples``
-    and ``tracking_uri`` override the file's ``search.num_samples`` and ``mlflow.tracking_uri``.
+    and ``tracking_uri`` override the file's ``search.num_samples`` and ``mlflow.tracking_uri``; ``metric``
+    (one or more) the file's ``metric``, each with its natural mode. Several metrics make a multi-objective sweep,
+    which ASHA cannot schedule: the file's ASHA is then turned off, and a note says so.
     """
     try:
         raw = load_yaml(path, what="sweep file")
     except ConfigError as exc:
         raise SweepError(str(exc)) from None
+    if metric is not None and isinstance(raw, dict):
+        raw = {**raw, "metric": list(metric) if len(metric) > 1 else metric[0]}
+        raw.pop("mode", None)
+        sched = raw.get("scheduler") or {}
+        if len(metric) > 1 and (sched.get("type", "asha") if isinstance(sched, Mapping) else sched) == "asha":
+            print(f"[sweep] {len(metric)} metrics: a multi-objective sweep, so ASHA (which ranks trials by one) is "
+                  "off: every trial runs all its epochs")
+            raw["scheduler"] = "none"
     try:
         sweep = _build_sweep(raw, train_cli, num_samples, tracking_uri)
     except SweepError as exc:
@@ -357,6 +345,11 @@ def _build_sweep(raw: dict, train_cli, num_samples, tracking_uri) -> Sweep:
             raise SweepError(f"missing required key {key!r}; a sweep file has {', '.join(FILE_KEYS)}")
     train = _read_train(raw["train"], train_cli)
     space = _read_space(raw["space"], train)
+    metric, mode = _read_objectives(raw.get("metric", "val_acc"), raw.get("mode"))
+    counted = [m for m in ((metric,) if isinstance(metric, str) else metric) if m in METRICS[4:]]
+    if counted and not train.run.firing_rates:
+        raise SweepError(f"metric {', '.join(counted)} is counted during validation with the firing rates: "
+                         "train.firing_rates must stay true")
     search_raw = _section(raw, "search", num_samples=num_samples)
     points = search_raw.pop("points_to_evaluate", ()) if isinstance(search_raw, Mapping) else ()
     search = build(Search, search_raw, "search")
@@ -369,15 +362,13 @@ def _build_sweep(raw: dict, train_cli, num_samples, tracking_uri) -> Sweep:
         check_global_batch(train.run.batch_size, resources.workers, "resources.workers")
     except ConfigError as exc:
         raise SweepError(f"train.{exc}") from None
-    metric = raw.get("metric", "val_acc")
-    default_mode = "min" if isinstance(metric, str) and metric.endswith("_loss") else "max"
     sections = {key: build(cls, raw.get(key), key) for key, cls in (("failures", Failures),
                                                                     ("checkpoints", Checkpoints))}  # fmt: skip
     sections["mlflow"] = build(Mlflow, _section(raw, "mlflow", tracking_uri=tracking_uri), "mlflow")
     return build(Sweep, dict(
         name=raw["name"], train=train, space=space, search=dataclasses.replace(search, points_to_evaluate=points),
-        scheduler=_read_scheduler(raw.get("scheduler"), train.run.epochs), metric=metric,
-        mode=raw.get("mode", default_mode), resources=resources, **sections,
+        scheduler=_read_scheduler(raw.get("scheduler"), train.run.epochs, metric), metric=metric,
+        mode=mode, resources=resources, **sections,
     ))  # fmt: skip
 
 
@@ -389,7 +380,7 @@ def sweep_to_dict(sweep: Sweep) -> dict[str, Any]:
     for key in ("search", "scheduler", "resources", "failures", "mlflow", "checkpoints"):
         out[key] = dataclasses.asdict(getattr(sweep, key))
     out["search"]["points_to_evaluate"] = [dict(p) for p in sweep.search.points_to_evaluate]
-    out["metric"], out["mode"] = sweep.metric, sweep.mode
+    out["metric"], out["mode"] = (list(v) if isinstance(v, tuple) else v for v in (sweep.metric, sweep.mode))
     return out
 
 

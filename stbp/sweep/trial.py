@@ -16,7 +16,8 @@ from .spec import Resources
 __all__ = ["TrialPlan", "stbp_trial", "trial_config", "trial_resources", "trial_dirname", "restore_checkpoint"]
 
 #: Reported to Tune in this order: its live table shows the first four.
-TUNE_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "epoch", "lr", "epoch_time_s", "images_per_s")
+TUNE_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "epoch", "lr", "epoch_time_s", "images_per_s",
+                "spikes_per_image", "sops_per_image", "energy_uj_per_image", "firing_rate")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class TrialPlan:
     resources: Resources
     keep_checkpoints: int
     data_dir: str
-    metric: str  # what Tune's scheduler and searcher read from every trial's results
+    metrics: tuple[str, ...]  # what Tune's scheduler and searcher read from every trial's results
 
 
 def trial_config(plan: TrialPlan, params: dict, trial_dir: Path, run_id: str, run_name: str) -> Config:
@@ -74,7 +75,7 @@ def stbp_trial(params: dict, plan: TrialPlan) -> None:
         print(f"[sweep] trial {ctx.get_trial_name()} diverged, not retried: {exc}", flush=True)
         # Tune needs the metric in a trial's last result (even one that diverged before its first report); NaN
         # makes Optuna record the trial as failed rather than as a value to learn from.
-        tune.report({plan.metric: float("nan"), "epoch": exc.epoch})
+        tune.report({**dict.fromkeys(plan.metrics, float("nan")), "epoch": exc.epoch})
 
 
 def _report(report, checkpoint_cls, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
