@@ -58,7 +58,8 @@ def test_no_import_circles():
 def test_the_sweep_imports_run_one_way():
     graph = imports()
     order = ["stbp.sweep.errors", "stbp.sweep.space",
-             "stbp.sweep.spec", "stbp.sweep.record", "stbp.sweep.trial", "stbp.sweep.report", "stbp.sweep.run"]
+             "stbp.sweep.spec", "stbp.sweep.record", "stbp.sweep.trial",
+             "stbp.sweep.analysis", "stbp.sweep.plots", "stbp.sweep.report", "stbp.sweep.run"]
     for i, module in enumerate(order):
         later = set(order[i + 1 :])
         assert not graph[module] & later, (module, graph[module] & later)

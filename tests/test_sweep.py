@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from stbp.config import build_config
 from stbp.sweep import load_sweep, sweep_yaml
+from stbp.sweep.plots import plot_landscape
 from stbp.sweep.record import (
     PARENT_TAG,
     TRIAL_TAG,
@@ -29,7 +30,7 @@ from stbp.sweep.record import (
     fail_child,
     open_sweep_record,
 )
-from stbp.sweep.report import best_config, format_table, importances, plot_landscape
+from stbp.sweep.report import best_config, format_table, importances
 from stbp.sweep.trial import TrialPlan, restore_checkpoint, trial_config
 from tests._dist import free_port
 from tests._procs import cmdline, descendants, group_alive, start_mlflow_server, stop_group, wait_for
@@ -529,12 +530,14 @@ def test_rows_rank_trials_by_their_best_metric_over_epochs(record, sweep):
         "trial",
         "v_th",
         "aa",
+        "aa/v_th",  # the derived coordinate
         "best",
         "val_acc",
+        "sops_per_image",  # the spike cost of the last epoch
         "epochs",
         "status",
     ]
-    assert table.splitlines()[2].split()[:5] == ["1", "a", "0.5", "0.5", "30"]
+    assert table.splitlines()[2].split()[:6] == ["1", "a", "0.5", "0.5", "1", "30"]
 
 
 def test_a_diverged_trial_is_failed_with_its_reason_and_never_ranked_best(record, sweep):

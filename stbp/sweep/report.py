@@ -11,146 +11,61 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag
 
 from ..config import Config, apply_overrides, save_yaml
-from .record import SweepRecord, TrialRow
+from .analysis import derived, pareto_front, working_region
+from .plots import plot_landscape, plot_pareto, plot_slices
+from .record import COST_METRICS, SweepRecord, TrialRow
 from .spec import Sweep
 
-__all__ = ["report", "write_csv", "plot_landscape", "format_table", "importances", "best_config", "ui_hint"]
+__all__ = ["report", "write_csv", "format_table", "format_region", "importances", "best_config", "ui_hint",
+           "compare_url"]
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
-def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path:
+def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path, front: Sequence[TrialRow] = ()) -> Path:
+    """Every trial: rank, searched values, derived coordinates, best first metric, every metric and the spike cost
+    at the last epoch, whether it is Pareto-optimal (multi-objective sweeps), outcome, run id, error."""
+    derived_names = list(derived(rows[0].params)) if rows else []
+    last = list(dict.fromkeys((*sweep.metrics, *COST_METRICS)))
+    on_front = {r.trial_id for r in front}
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(
-            [
-                "rank",
-                "trial_id",
-                *sweep.param_names,
-                f"best_{sweep.metric}",
-                "epochs_run",
-                "status",
-                "run_id",
-                "error",
-            ]
-        )
+        out.writerow(["rank", "trial_id", *sweep.param_names, *(n.replace("/", "_over_") for n in derived_names),
+                      f"best_{sweep.metrics[0]}", *(f"last_{m}" for m in last),
+                      *(["pareto_optimal"] if sweep.multi_objective else []), "epochs_run", "status", "run_id",
+                      "error"])
         for rank, r in enumerate(rows, 1):
-            out.writerow(
-                [
-                    rank,
-                    r.trial_id,
-                    *(r.params[n] for n in sweep.param_names),
-                    "" if r.value is None else r.value,
-                    r.epochs,
-                    r.outcome,
-                    r.run_id,
-                    r.error[-300:],
-                ]
-            )
+            extra = derived(r.params)
+            out.writerow([rank, r.trial_id, *(r.params[n] for n in sweep.param_names),
+                          *(extra.get(n, "") for n in derived_names), "" if r.value is None else r.value,
+                          *(r.last.get(m, "") for m in last),
+                          *([str(r.trial_id in on_front).lower()] if sweep.multi_objective else []),
+                          r.epochs, r.outcome, r.run_id, r.error[-300:]])
     return path
 
 
-def _axes_params(sweep: Sweep) -> list:
-    """v_th and aa when both are searched, else the first two searched parameters."""
-    names = ["v_th", "aa"] if {"v_th", "aa"} <= set(sweep.space) else list(sweep.space)[:2]
-    return [(name, sweep.space[name]) for name in names]
-
-
-def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path | None:
-    """Every trial at its (x, y) searched values, coloured by its metric; the best one starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    axes = _axes_params(sweep)
-
-    def coord(param, value):  # choices are drawn at their index
-        return param.values.index(value) if param.type == "choice" and value in param.values else value
-
-    def xy(row):
-        (xname, xparam), *rest = axes
-        x = coord(xparam, row.params[xname])
-        y = coord(rest[0][1], row.params[rest[0][0]]) if rest else row.value
-        return x, y
-
-    scored = [r for r in rows if r.value is not None and None not in r.params.values()]
-    if not scored:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 5.5))
-    markers = {"finished": "o", "stopped early": "v"}
-    values = [r.value for r in scored]
-    for outcome in sorted({r.outcome for r in scored}):
-        group = [r for r in scored if r.outcome == outcome]
-        pts = [xy(r) for r in group]
-        sc = ax.scatter(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            c=[r.value for r in group],
-            cmap="viridis",
-            vmin=min(values),
-            vmax=max(values),
-            s=70,
-            marker=markers.get(outcome, "s"),
-            edgecolors="k",
-            linewidths=0.5,
-            label=outcome,
-        )
-    fig.colorbar(sc, ax=ax, label=f"best {sweep.metric}")
-    best = scored[0]
-    bx, by = xy(best)
-    ax.scatter(
-        [bx],
-        [by],
-        marker="*",
-        s=400,
-        facecolors="none",
-        edgecolors="red",
-        linewidths=2,
-        label=f"best: {sweep.metric} {best.value:.4g}",
-    )
-    setters = (
-        (ax.set_xlabel, ax.set_xscale, ax.set_xlim, ax.set_xticks),
-        (ax.set_ylabel, ax.set_yscale, ax.set_ylim, ax.set_yticks),
-    )
-    for (name, param), (label, scale, limits, ticks) in zip(axes, setters, strict=False):
-        label(name)
-        if param.type == "choice":
-            ticks(range(len(param.values)), [str(v) for v in param.values])
-        elif param.type == "loguniform":
-            scale("log")
-            limits(param.low, param.high)
-        else:  # the whole searched range: the landscape also shows where nothing was tried
-            margin = 0.03 * (param.high - param.low)
-            limits(param.low - margin, param.high + margin)
-    if len(axes) == 1:
-        ax.set_ylabel(sweep.metric)
-    title_axes = " x ".join(name for name, _ in axes)
-    ax.set_title(f"Sweep {sweep.name}: {title_axes} landscape ({len(scored)} trials)")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_report(
-    record: SweepRecord,
-    rows: Sequence[TrialRow],
-    sweep: Sweep,
-    files: Sequence[Path],
-    importances: dict[str, float] | None,
-) -> None:
-    """Log the best trial, the report files and the importances on the parent run, and close it FINISHED."""
+def write_report(record: SweepRecord, rows: Sequence[TrialRow], sweep: Sweep, files: Sequence[Path],
+                 importances: dict[str, float] | None, region: dict | None, front: Sequence[TrialRow]) -> None:
+    """Log on the parent run the best trial, the report files, the importances, the working region and the link
+    that compares the trials; tag each trial of a multi-objective sweep ``pareto_optimal``; close it FINISHED."""
     client = record.client()
     parent = record.parent_run_id
     for path in files:
         client.log_artifact(parent, str(path), "report")
     metrics = [Metric(f"importance.{k}", float(v), 0, 0) for k, v in (importances or {}).items()]
     best = rows[0] if rows and rows[0].value is not None else None
-    tags = [RunTag("trials", str(len(rows)))]
+    tags = [RunTag("trials", str(len(rows))), RunTag("compare_trials_url", compare_url(record, rows))]
+    if region is not None:
+        metrics.append(Metric("region.trials", region["trials"], 0, 0))
+        metrics += [Metric(f"region.{name}.{end}", float(v), 0, 0) for name, span in region["ranges"].items()
+                    if all(isinstance(v, (int, float)) for v in span) for end, v in zip(("low", "high"), span)]
+    if sweep.multi_objective:
+        on_front = {r.trial_id for r in front}
+        for r in rows:
+            client.set_tag(r.run_id, "pareto_optimal", str(r.trial_id in on_front).lower())
+        tags.append(RunTag("pareto_trials", ",".join(r.trial_id for r in front)))
     if best is not None:
-        metrics.append(Metric(f"best_{sweep.metric}", best.value, 0, 0))
+        metrics.append(Metric(f"best_{sweep.metrics[0]}", best.value, 0, 0))
         tags += [RunTag("best_run_id", best.run_id), RunTag("best_trial_id", best.trial_id)]
         params = [Param(f"best.{k}", str(v)) for k, v in best.params.items()]
         existing = client.get_run(parent).data.params
@@ -162,30 +77,70 @@ def write_report(
     client.set_terminated(parent, "FINISHED")
 
 
-def format_table(rows: Sequence[TrialRow], sweep: Sweep) -> str:
-    """The ranked trials as a plain-text table."""
+def _g(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRow] = ()) -> str:
+    """The ranked trials as a plain-text table: searched values, aa/v_th, the best metric, the synaptic operations
+    per image of the last epoch and, in a multi-objective sweep, every metric and the Pareto-optimal ones."""
     names = sweep.param_names
-    header = ["rank", "trial", *names, f"best {sweep.metric}", "epochs", "status"]
+    derived_names = list(derived(rows[0].params)) if rows else []
+    others = list(sweep.metrics[1:])
+    cost = [] if "sops_per_image" in others else ["sops_per_image"]
+    header = ["rank", "trial", *names, *derived_names, f"best {sweep.metrics[0]}", *others, *cost,
+              *(["pareto"] if sweep.multi_objective else []), "epochs", "status"]
+    on_front = {r.trial_id for r in front}
     body = []
     for rank, r in enumerate(rows, 1):
-        vals = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.params[n] for n in names)]
-        value = "-" if r.value is None else f"{r.value:.4g}"
-        body.append([str(rank), r.trial_id, *vals, value, str(r.epochs), r.outcome])
+        extra = derived(r.params)
+        body.append([str(rank), r.trial_id, *(_g(r.params[n]) for n in names),
+                     *(_g(extra.get(n, "-")) for n in derived_names), "-" if r.value is None else f"{r.value:.4g}",
+                     *(_g(r.last.get(m, "-")) for m in (*others, *cost)),
+                     *(["*" if r.trial_id in on_front else ""] if sweep.multi_objective else []),
+                     str(r.epochs), r.outcome])
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def ui_hint(record: SweepRecord) -> str:
-    """How to open this sweep in the MLflow UI (its runs table: MLflow 3 otherwise opens a GenAI view)."""
-    page = f"/#/experiments/{record.experiment_id}/runs"
+def format_region(region: dict) -> str:
+    """Where the network works, in one line per coordinate."""
+    lines = [f"Where it works: {region['trials']} of {region['of']} trials reach {region['fraction']:.0%} of the "
+             f"best {region['metric']} ({region['best']:.4g}; threshold {region['threshold']:.4g}):"]
+    for name, span in region["ranges"].items():
+        text = (f"{span[0]:.3g} to {span[1]:.3g}" if all(isinstance(v, (int, float)) for v in span)
+                else ", ".join(map(str, span)))
+        lines.append(f"  {name:<10} {text}")
+    return "\n".join(lines)
+
+
+def _ui_base(record: SweepRecord) -> str:
     if record.tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow UI: {record.tracking_uri.rstrip('/')}{page}"
-    return (
-        f"MLflow UI: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000\n"
-        f"           then open http://127.0.0.1:5000{page}"
-    )
+        return record.tracking_uri.rstrip("/")
+    return "http://127.0.0.1:5000"  # where `mlflow ui` below serves a local store
+
+
+def compare_url(record: SweepRecord, rows: Sequence[TrialRow]) -> str:
+    """MLflow's compare page of all the sweep's trials (parallel coordinates of the parameters and metrics)."""
+    from urllib.parse import quote
+
+    runs = json.dumps([r.run_id for r in rows], separators=(",", ":"))
+    return (f"{_ui_base(record)}/#/compare-runs?runs={quote(runs)}"
+            f"&experiments={quote(json.dumps([record.experiment_id]))}")
+
+
+def ui_hint(record: SweepRecord, rows: Sequence[TrialRow] = ()) -> str:
+    """How to open this sweep in the MLflow UI: its runs table (MLflow 3 otherwise opens a GenAI view) and the
+    comparison of its trials."""
+    lines = []
+    if not record.tracking_uri.startswith(("http://", "https://")):
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000")
+    lines.append(f"Runs table:        {_ui_base(record)}/#/experiments/{record.experiment_id}/runs")
+    if rows:
+        lines.append(f"Compare the trials: {compare_url(record, rows)}")
+    return "\n".join(lines)
 
 
 def best_config(sweep: Sweep, row: TrialRow, record: SweepRecord) -> Config:
@@ -211,7 +166,7 @@ def importances(rows: Sequence[TrialRow], sweep: Sweep) -> dict[str, float] | No
         return None
     dists = {name: p.distribution() for name, p in sweep.space.items()}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if sweep.mode == "max" else "minimize")
+    study = optuna.create_study(direction="maximize" if sweep.modes[0] == "max" else "minimize")
     for r in scored:
         study.add_trial(optuna.trial.create_trial(params=r.params, distributions=dists, value=r.value))
     try:
@@ -222,12 +177,23 @@ def importances(rows: Sequence[TrialRow], sweep: Sweep) -> dict[str, float] | No
 
 
 def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: Path) -> int:
-    """The end of a complete sweep: the report files and best trial on the parent run, and the table."""
+    """The end of a complete sweep: the report files, the working region, the Pareto front and the best trial on
+    the parent run, and the table."""
     out = sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    files = [write_csv(rows, sweep, out / "trials.csv")]
-    landscape = plot_landscape(rows, sweep, out / "landscape.png")
-    files += [landscape] if landscape else []
+    front = pareto_front(rows, sweep.metrics, sweep.modes) if sweep.multi_objective else []
+    region = working_region(rows, sweep)
+    files = [write_csv(rows, sweep, out / "trials.csv", front)]
+    if region is not None:
+        (out / "sensitivity.json").write_text(json.dumps(region, indent=2) + "\n")
+        files.append(out / "sensitivity.json")
+    if sweep.multi_objective:
+        write_csv(front, sweep, out / "pareto.csv", front)
+        files.append(out / "pareto.csv")
+    plots = [plot_landscape(rows, sweep, out / "landscape.png"), plot_slices(rows, sweep, region, out / "slices.png")]
+    if sweep.multi_objective:
+        plots.append(plot_pareto(rows, front, sweep, out / "pareto.png"))
+    files += [p for p in plots if p]
     scores = importances(rows, sweep)
     if scores:
         (out / "importances.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -236,19 +202,24 @@ def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: P
     if best is not None:
         save_yaml(best_config(sweep, best, record), out / "best_config.yaml")
         files.append(out / "best_config.yaml")
-    write_report(record, rows, sweep, files, scores)
-    print(f"\nSweep {sweep.name!r}: {len(rows)} trials, ranked by their best {sweep.metric} ({sweep.mode})")
-    print(format_table(rows, sweep))
+    write_report(record, rows, sweep, files, scores, region, front)
+    print(f"\nSweep {sweep.name!r}: {len(rows)} trials, ranked by their best {sweep.metrics[0]} ({sweep.modes[0]})")
+    print(format_table(rows, sweep, front))
     if best is None:
         print("\nNo trial reported a value: see the errors above and in MLflow.")
         return 1
     print(
-        f"\nBest trial {best.trial_id}: {sweep.metric} {best.value:.4g} with "
+        f"\nBest trial {best.trial_id}: {sweep.metrics[0]} {best.value:.4g} with "
         + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     )
+    if region is not None:
+        print(format_region(region))
+    if sweep.multi_objective:
+        print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in zip(sweep.metrics, sweep.modes))}): "
+              f"{len(front)} trials, tagged pareto_optimal=true: {', '.join(r.trial_id for r in front)}")
     print(f"Train it fully: python train_ddp.py --config {out / 'best_config.yaml'}")
     if scores:
         print("Parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     print(f"Report files: {out}")
-    print(ui_hint(record))
+    print(ui_hint(record, rows))
     return 0

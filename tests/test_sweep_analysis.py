@@ -1,0 +1,113 @@
+"""What a sweep's report says, on hand-made trial rows: the working region and aa/v_th, the Pareto front against
+a brute-force definition, the CSV and table columns, and the pictures."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+
+from stbp.sweep import load_sweep
+from stbp.sweep.analysis import derived, is_reference, pareto_front, working_region
+from stbp.sweep.plots import plot_pareto, plot_slices
+from stbp.sweep.record import TrialRow
+from stbp.sweep.report import compare_url, format_region, format_table, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sweep():
+    return load_sweep(ROOT / "sweeps" / "smoke.yaml")
+
+
+@pytest.fixture
+def multi():
+    return load_sweep(ROOT / "sweeps" / "smoke.yaml", metric=["val_acc", "sops_per_image"])
+
+
+def row(trial_id, v_th, aa, value, sops=None, status="FINISHED"):
+    last = {} if value is None else {"val_acc": value}
+    if sops is not None:
+        last["sops_per_image"] = sops
+    return TrialRow(trial_id, f"run-{trial_id}", {"v_th": v_th, "aa": aa}, status, value, 3, {}, last)
+
+
+def test_the_working_region_spans_the_trials_within_90_percent_of_the_best(sweep):
+    rows = [row("a", 0.4, 0.5, 95.0), row("b", 0.2, 0.3, 90.0), row("c", 0.8, 1.2, 86.0), row("d", 1.4, 0.1, 11.0),
+            row("e", 0.3, 1.8, 85.4), row("f", 0.5, 0.5, None, status="FAILED")]
+    region = working_region(rows, sweep)
+    # 90% of 95 is 85.5: a, b, c are inside; e (85.4) and d are not; f has no value.
+    assert (region["best"], region["threshold"], region["trials"], region["of"]) == (95.0, pytest.approx(85.5), 3, 5)
+    assert region["ranges"]["v_th"] == (0.2, 0.8) and region["ranges"]["aa"] == (0.3, 1.2)
+    assert region["ranges"]["aa/v_th"] == (pytest.approx(1.25), pytest.approx(1.5))  # 0.5/0.4, 0.3/0.2, 1.2/0.8
+    assert sorted(region["outside"]) == ["d", "e"]
+    text = format_region(region)
+    assert "3 of 5 trials reach 90% of the best val_acc (95; threshold 85.5)" in text and "aa/v_th" in text
+
+
+def test_a_minimised_metric_s_region_is_within_best_over_090():
+    minimised = load_sweep(ROOT / "sweeps" / "smoke.yaml", metric=["val_loss"])
+    rows = [row("a", 0.4, 0.5, 0.09), row("b", 0.2, 0.3, 0.099), row("c", 0.8, 1.2, 0.11)]
+    region = working_region(rows, minimised)
+    assert region["threshold"] == pytest.approx(0.1) and region["trials"] == 2  # 0.09 / 0.9 = 0.1
+
+
+def test_aa_over_v_th_is_derived_when_both_are_searched():
+    assert derived({"v_th": 0.4, "aa": 0.5}) == {"aa/v_th": 1.25}
+    assert derived({"v_th": 0.4}) == {} and derived({"aa": 0.5, "lr": 0.1}) == {}
+    assert is_reference(row("r", 0.4, 0.5, 1.0)) and not is_reference(row("s", 0.4, 0.6, 1.0))
+
+
+def brute_front(points: dict[str, tuple[float, float]]) -> set[str]:
+    """Maximise the first, minimise the second: a point is on the front if no other is >= and <= with one strict."""
+    out = set()
+    for name, (acc, sops) in points.items():
+        if not any((a >= acc and s <= sops) and (a > acc or s < sops) for a, s in points.values()):
+            out.add(name)
+    return out
+
+
+def test_the_pareto_front_matches_a_brute_force_definition():
+    rng = random.Random(0)
+    for _ in range(20):
+        points = {str(i): (rng.choice([80.0, 85.0, 90.0, 95.0]), rng.choice([1e5, 2e5, 3e5])) for i in range(12)}
+        rows = [row(k, 0.4, 0.5, acc, sops) for k, (acc, sops) in points.items()]
+        front = pareto_front(rows, ("val_acc", "sops_per_image"), ("max", "min"))
+        assert {r.trial_id for r in front} == brute_front(points)
+        assert [r.last["val_acc"] for r in front] == sorted((r.last["val_acc"] for r in front), reverse=True)
+    # Trials that never reported a metric are not on it.
+    rows = [row("a", 0.4, 0.5, 90.0, 1e5), row("b", 0.4, 0.5, 95.0)]
+    assert [r.trial_id for r in pareto_front(rows, ("val_acc", "sops_per_image"), ("max", "min"))] == ["a"]
+
+
+def test_the_csv_table_and_pictures_carry_the_ratio_the_cost_and_the_front(tmp_path, multi):
+    rows = [row("a", 0.4, 0.5, 95.0, 3e5), row("b", 0.8, 0.5, 93.0, 1e5), row("c", 0.2, 0.3, 90.0, 4e5),
+            row("d", 1.4, 0.1, 11.0, 0.0)]
+    front = pareto_front(rows, multi.metrics, multi.modes)
+    assert [r.trial_id for r in front] == ["a", "b", "d"]  # c costs more than a for less accuracy
+    with open(write_csv(rows, multi, tmp_path / "t.csv", front)) as f:
+        table = list(csv.DictReader(f))
+    assert [t["pareto_optimal"] for t in table] == ["true", "true", "false", "true"]
+    assert float(table[1]["aa_over_v_th"]) == pytest.approx(0.625) and table[1]["last_sops_per_image"] == "100000.0"
+    text = format_table(rows, multi, front)
+    assert text.splitlines()[0].split() == ["rank", "trial", "v_th", "aa", "aa/v_th", "best", "val_acc",
+                                            "sops_per_image", "pareto", "epochs", "status"]
+    assert text.splitlines()[3].split() == ["2", "b", "0.8", "0.5", "0.625", "93", "1e+05", "*", "3", "finished"]
+    assert text.splitlines()[4].split() == ["3", "c", "0.2", "0.3", "1.5", "90", "4e+05", "3", "finished"]
+    region = working_region(rows, multi)
+    for plot, name in ((plot_pareto(rows, front, multi, tmp_path / "p.png"), "p.png"),
+                       (plot_slices(rows, multi, region, tmp_path / "s.png"), "s.png")):
+        assert plot == tmp_path / name and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_compare_link_lists_every_trial_for_mlflow_s_compare_page():
+    from urllib.parse import unquote
+
+    from stbp.sweep.record import SweepRecord
+
+    record = SweepRecord("http://127.0.0.1:5005/", "7", "parent", "smoke")
+    url = compare_url(record, [row("a", 0.4, 0.5, 1.0), row("b", 0.4, 0.5, 1.0)])
+    assert unquote(url) == 'http://127.0.0.1:5005/#/compare-runs?runs=["run-a","run-b"]&experiments=["7"]'
