@@ -29,7 +29,8 @@ from .validation import ConfigError, Note, Rule, describe, load_yaml, section, t
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "RunConfig", "TrackingConfig", "Config",
            "PRESETS", "preset_names", "field_names", "build_config", "apply_overrides", "parse_cli", "config_to_dict",
-           "config_from_dict", "flatten_config", "flatten_mapping", "save_yaml", "load_yaml", "check_global_batch"]
+           "config_from_dict", "flatten_config", "flatten_mapping", "save_yaml", "load_yaml", "check_global_batch",
+           "BOOKKEEPING_FIELDS"]
 
 Positive = Annotated[float, Field(gt=0)]
 NonEmpty = Annotated[str, Field(pattern=r"\S")]
@@ -170,6 +171,8 @@ class TrackingConfig:
     """Attach to this existing MLflow run (used by sweeps)."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra MLflow run tags."""
+    register_model: NonEmpty | None = None
+    """At the end, log the best checkpoint as an MLflow PyTorch model and register it under this name (None: off)."""
 
     def __post_init__(self) -> None:
         if any(not key.strip() for key in self.tags):
@@ -200,6 +203,12 @@ SECTIONS = types.MappingProxyType({f.name: f.default_factory for f in dataclasse
 SECTION_OF = types.MappingProxyType({name: sec for sec, cls in SECTIONS.items() for name in cls.__pydantic_fields__})
 FIELDS = types.MappingProxyType({n: SECTIONS[s].__pydantic_fields__[n] for n, s in SECTION_OF.items()})
 assert len(SECTION_OF) == sum(len(c.__pydantic_fields__) for c in SECTIONS.values()), "leaf names must be unique"
+
+
+#: Fields that say where a run's records go, not what it trains: MLflow records them as tags, not parameters, so
+#: that comparing runs compares what defines them.
+BOOKKEEPING_FIELDS = ("output_dir", "data_dir", "resume", "run_id", "run_name", "tracking_uri", "experiment", "mlflow",
+                      "register_model", "tags")
 
 
 def field_names() -> list[str]:

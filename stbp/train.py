@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointDir, CheckpointError, read_checkpoint
-from .config import Config, ConfigError, check_global_batch, config_to_dict, flatten_config
+from .config import BOOKKEEPING_FIELDS, Config, ConfigError, check_global_batch, config_to_dict, flatten_config
 from .data import DeviceDataset, load_dataset
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
@@ -217,7 +217,9 @@ class _Trainer:
                                run_id=self.mlflow_run_id, run_name=cfg.tracking.run_name, tags=tags,
                                pending_path=self.out / "mlflow_pending.jsonl")
         self.mlflow_run_id = tracker.run_id
-        tracker.log_params({k: v for k, v in flatten_config(cfg).items() if k not in ("run_id", "tags")})
+        flat = flatten_config(cfg)
+        tracker.log_params({k: v for k, v in flat.items() if k not in BOOKKEEPING_FIELDS})
+        tracker.set_tags({k: str(flat[k]) for k in ("output_dir", "data_dir") if flat[k] is not None})
         return tracker
 
     # ---- the loop ----------------------------------------------------------------------------------------
@@ -395,6 +397,8 @@ class _Trainer:
             "output_dir": str(self.out),
         }
         if self.env.is_primary:
+            if name := self.cfg.tracking.register_model:
+                summary["registered_model"] = self._register(name)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.tracker.log_metrics({f"test_{k}" if k in SPIKE_COST else k: test[k]
                                       for k in ("test_acc", "test_loss", *SPIKE_COST) if k in test},
@@ -409,6 +413,16 @@ class _Trainer:
             self.log(f"[stbp] test accuracy {test['test_acc']:.2f}% (best epoch {summary['best_epoch']}){cost}; "
                      f"model {self.ckpts.best}; summary in {self.out / 'summary.json'}")
         return summary
+
+    def _register(self, name: str) -> str | None:
+        """best.pt in the MLflow Model Registry as a new version of ``name``; its URI (None without MLflow)."""
+        if getattr(self.tracker, "uri", None) is None:
+            return None
+        from .registry import register_checkpoint
+
+        found = register_checkpoint(self.ckpts.best, self.tracker.uri, self.mlflow_run_id, name)
+        self.log(f"[stbp] registered as {found['model_uri']}: mlflow.pytorch.load_model(\"models:/{name}/latest\")")
+        return found["model_uri"]
 
 
 def _clock(seconds: float) -> str:

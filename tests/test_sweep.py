@@ -41,9 +41,9 @@ BAD = {"v_th": 3.0, "aa": 0.1}  # a threshold that silences the network: chance 
 BAD2 = {"v_th": 2.8, "aa": 0.1}
 
 
-def write_sweep(directory: Path, name: str, points, num_samples: int, resources: dict) -> Path:
+def write_sweep(directory: Path, name: str, points, num_samples: int, resources: dict, **changes) -> Path:
     """The shipped smoke sweep made small and deterministic: the tiny preset on 512 images, one trial at a time;
-    a learning, then a silent point."""
+    a learning, then a silent point. No model is registered unless ``changes`` says so."""
     data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     data["name"] = name
     data["train"] = {"preset": "tiny", "lr": 0.01, "epochs": 2}
@@ -52,7 +52,8 @@ def write_sweep(directory: Path, name: str, points, num_samples: int, resources:
     data["search"].update(num_samples=num_samples, max_concurrent=1, points_to_evaluate=points)
     data["scheduler"] = {"type": "asha", "grace_period": 1, "reduction_factor": 2}  # stops the silent point at 1
     data["resources"] = resources
-    data["mlflow"] = {"experiment": f"stbp-{name}"}
+    data["mlflow"] = {"experiment": f"stbp-{name}", "registered_model": None}
+    data.update(changes)
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -288,7 +289,7 @@ def write_fault_sweep(directory: Path) -> Path:
     data["space"]["lr"] = {"type": "loguniform", "low": 1e-3, "high": 1e36}
     data["search"].update(num_samples=3, max_concurrent=1, points_to_evaluate=[KILLED, DIVERGES, CUT])
     data["resources"] = {"cpus": 2, "gpus": 0, "workers": 1}
-    data["mlflow"] = {"experiment": "stbp-faults"}
+    data["mlflow"] = {"experiment": "stbp-faults", "registered_model": None}
     path = directory / "faults.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

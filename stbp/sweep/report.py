@@ -17,7 +17,7 @@ from .record import COST_METRICS, SweepRecord, TrialRow
 from .spec import Sweep
 
 __all__ = ["report", "write_csv", "format_table", "format_region", "importances", "best_config", "ui_hint",
-           "compare_url"]
+           "compare_url", "register_best"]
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
@@ -75,6 +75,23 @@ def write_report(record: SweepRecord, rows: Sequence[TrialRow], sweep: Sweep, fi
             tags += [RunTag(p.key, p.value) for p in params]
     client.log_batch(parent, metrics=metrics, tags=tags)
     client.set_terminated(parent, "FINISHED")
+
+
+def register_best(record: SweepRecord, best: TrialRow, name: str | None) -> str | None:
+    """The best trial's best.pt as a new version of ``name`` in the Model Registry; its model URI."""
+    if name is None:
+        return None
+    from ..registry import register_checkpoint
+
+    path = Path(best.tags.get("output_dir", "")) / "checkpoints" / "best.pt"
+    if not path.is_file():  # trained on another node: its run has it
+        from mlflow.artifacts import download_artifacts
+
+        path = download_artifacts(run_id=best.run_id, artifact_path="checkpoints/best.pt",
+                                  tracking_uri=record.tracking_uri)
+    found = register_checkpoint(path, record.tracking_uri, best.run_id, name)
+    record.client().set_tag(record.parent_run_id, "registered_model", found["model_uri"])
+    return found["model_uri"]
 
 
 def _g(v) -> str:
@@ -203,6 +220,7 @@ def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: P
         save_yaml(best_config(sweep, best, record), out / "best_config.yaml")
         files.append(out / "best_config.yaml")
     write_report(record, rows, sweep, files, scores, region, front)
+    registered = register_best(record, best, sweep.mlflow.registered_model) if best is not None else None
     print(f"\nSweep {sweep.name!r}: {len(rows)} trials, ranked by their best {sweep.metrics[0]} ({sweep.modes[0]})")
     print(format_table(rows, sweep, front))
     if best is None:
@@ -218,6 +236,8 @@ def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: P
         print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in zip(sweep.metrics, sweep.modes))}): "
               f"{len(front)} trials, tagged pareto_optimal=true: {', '.join(r.trial_id for r in front)}")
     print(f"Train it fully: python train_ddp.py --config {out / 'best_config.yaml'}")
+    if registered:
+        print(f"Its model: mlflow.pytorch.load_model(\"{registered}\") (Model Registry)")
     if scores:
         print("Parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     print(f"Report files: {out}")

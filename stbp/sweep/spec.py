@@ -117,6 +117,8 @@ class Mlflow:
     """Tracking URI (null: sqlite:///<cwd>/mlflow.db; use a server beyond one node)."""
     experiment: NonEmpty | None = None
     """Experiment name (null: sweep-<name>)."""
+    registered_model: NonEmpty | None = "stbp-{name}"
+    """At the end, the best trial's model is registered under this name ({name}: the sweep's; null: not at all)."""
 
 
 @sweep_section
@@ -364,7 +366,10 @@ def _build_sweep(raw: dict, train_cli, num_samples, tracking_uri) -> Sweep:
         raise SweepError(f"train.{exc}") from None
     sections = {key: build(cls, raw.get(key), key) for key, cls in (("failures", Failures),
                                                                     ("checkpoints", Checkpoints))}  # fmt: skip
-    sections["mlflow"] = build(Mlflow, _section(raw, "mlflow", tracking_uri=tracking_uri), "mlflow")
+    sections["mlflow"] = mlflow = build(Mlflow, _section(raw, "mlflow", tracking_uri=tracking_uri), "mlflow")
+    if mlflow.registered_model is not None and isinstance(raw["name"], str):  # the name is checked below
+        name = mlflow.registered_model.replace("{name}", raw["name"])
+        sections["mlflow"] = dataclasses.replace(mlflow, registered_model=name)
     return build(Sweep, dict(
         name=raw["name"], train=train, space=space, search=dataclasses.replace(search, points_to_evaluate=points),
         scheduler=_read_scheduler(raw.get("scheduler"), train.run.epochs, metric), metric=metric,

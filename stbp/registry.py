@@ -1,0 +1,57 @@
+"""The MLflow Model Registry: a checkpoint logged with the ``mlflow.pytorch`` flavour and registered by name.
+
+    model = mlflow.pytorch.load_model("models:/stbp-smoke/latest")   # an nn.Module, in eval mode
+    logits = model(images)   # [N, C, H, W] float32, normalised with the data set's mean/std (see the version)
+
+The model is logged with its signature and an input example, exported with ``torch.export`` (MLflow's ``pt2``
+format): it loads as a graph of torch operations, without unpickling any class and without this package. MLflow is
+imported only when a model is registered: the core never needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .datasets import DATASETS
+
+__all__ = ["register_checkpoint"]
+
+
+def register_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str, run_id: str, name: str) -> dict[str, Any]:
+    """Log ``checkpoint``'s model in run ``run_id`` as ``model`` and register it as a new version of ``name``;
+    returns ``{"name", "version", "model_uri"}``."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+    from mlflow.tracking import MlflowClient
+
+    model, cfg = load_checkpoint(checkpoint, map_location="cpu")
+    model.eval()
+    spec = DATASETS[cfg.data.dataset]
+    example = torch.zeros(2, spec.channels, spec.size, spec.size)
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), model(example).numpy())
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)  # the fluent API's store, for this call only
+    try:
+        with mlflow.start_run(run_id=run_id):  # a finished run is reopened and closed FINISHED again
+            info = mlflow.pytorch.log_model(
+                # two example images: the exported graph keeps the batch size free (one would fix it to 1)
+                model, name="model", signature=signature, input_example=example.numpy(),
+                serialization_format="pt2", registered_model_name=name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    client = MlflowClient(tracking_uri)
+    version = str(info.registered_model_version)
+    client.update_model_version(name, version, description=(
+        f"Spiking ResNet-19 (STBP, tdBN) on {spec.name}: v_th {cfg.model.v_th:g}, aa {cfg.model.aa:g}, "
+        f"T {cfg.model.timesteps}, width {cfg.model.width:g}. Input: [N, {spec.channels}, {spec.size}, {spec.size}] "
+        f"float32 images scaled to [0, 1], then normalised with mean {list(spec.mean)} and std {list(spec.std)}. "
+        f"Output: [N, {cfg.model.num_classes}] logits."))
+    return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}

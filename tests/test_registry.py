@@ -1,0 +1,60 @@
+"""``--register_model NAME``: best.pt in the MLflow Model Registry (local sqlite store), loadable by name without
+this package, scoring like best.pt. (The sweep's registration runs against a real server in test_sweep.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from stbp.config import build_config
+from stbp.data import load_dataset, normalize
+from stbp.evaluate import evaluate_checkpoint
+from stbp.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def registry_accuracy(model_uri: str, tracking_uri: str, data_dir: str, n: int) -> float:
+    """Test accuracy of a registered model on the first ``n`` MNIST test images, loaded in a fresh process where
+    importing stbp fails: the registered model needs only torch and MLflow."""
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "stbp":
+            raise ImportError("stbp is not available here")
+sys.meta_path.insert(0, Block())
+import mlflow, mlflow.pytorch, torch
+mlflow.set_tracking_uri({tracking_uri!r})
+model = mlflow.pytorch.load_model({model_uri!r})
+data = torch.load(sys.argv[1])
+with torch.no_grad():
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(data["x"].split(100), data["y"].split(100)))
+print("ACC", 100.0 * correct / len(data["y"]))
+"""
+    mnist = load_dataset("mnist", data_dir)
+    batch = Path(tracking_uri.removeprefix("sqlite:///")).parent / "batch.pt"
+    torch.save({"x": normalize(mnist.test_images[:n], (0.1307,), (0.3081,)), "y": mnist.test_labels[:n]}, batch)
+    out = subprocess.run([sys.executable, "-c", code, str(batch)], capture_output=True, text=True, timeout=300,
+                         cwd=batch.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return float(out.stdout.split("ACC")[-1])
+
+
+def test_register_model_puts_best_pt_in_the_registry_and_it_scores_like_best_pt(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = build_config(preset="tiny", overrides=dict(
+        data_dir=data_dir, output_dir=str(tmp_path / "out"), train_size=2048, val_size=128, batch_size=32, epochs=1,
+        lr=0.005, tracking_uri=uri, test_size=400, register_model="stbp-unit"))
+    summary = train(cfg)
+    assert summary["registered_model"] == "models:/stbp-unit/1"
+    best = evaluate_checkpoint(tmp_path / "out" / "checkpoints" / "best.pt", data_dir=data_dir, limit=400)
+    assert best["test_acc"] > 30  # it learned something, so equal accuracies mean something
+    assert registry_accuracy("models:/stbp-unit/latest", uri, data_dir, 400) == best["test_acc"]
+    from mlflow.tracking import MlflowClient
+
+    version = MlflowClient(uri).get_model_version("stbp-unit", "1")
+    assert version.run_id == summary["mlflow_run_id"] and "normalised with mean [0.1307]" in version.description
