@@ -37,6 +37,7 @@ def register_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str, run_id
         signature = infer_signature(example.numpy(), model(example).numpy())
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)  # the fluent API's store, for this call only
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the caller prints what matters
     try:
         with mlflow.start_run(run_id=run_id):  # a finished run is reopened and closed FINISHED again
             info = mlflow.pytorch.log_model(

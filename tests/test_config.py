@@ -134,8 +134,9 @@ def test_seed_preset_has_the_reference_hyperparameters():
 
 def test_cpu_gpu_and_tiny_presets_apply_their_values():
     cpu = build_config(preset="cpu")
-    assert (cpu.model.width, cpu.run.epochs, cpu.run.batch_size, cpu.optim.lr) == (0.125, 3, 128, 3e-3)
+    assert (cpu.model.width, cpu.run.epochs, cpu.run.batch_size, cpu.optim.lr) == (0.125, 4, 128, 3e-3)
     assert (cpu.optim.schedule, cpu.run.eval_batch_size, cpu.run.output_dir) == ("cosine", 128, "runs/cpu")
+    assert (cpu.optim.warmup_epochs, cpu.optim.label_smoothing, cpu.optim.ema_decay) == (0.3, 0.1, 0.999)
     gpu = build_config(preset="gpu")
     assert (gpu.model.width, gpu.run.epochs, gpu.run.batch_size, gpu.optim.lr) == (1.0, 11, 128, 1e-3)
     assert (gpu.optim.schedule, gpu.optim.warmup_epochs, gpu.run.output_dir) == ("cosine", 1, "runs/gpu")
@@ -156,7 +157,7 @@ def test_unknown_preset_names_the_valid_presets():
 
 
 def test_precedence_defaults_lt_preset_lt_yaml_lt_overrides_lt_cli(tmp_path):
-    path = write_yaml(tmp_path, "preset: cpu\nepochs: 4\nbatch_size: 16\nlr: 0.01\nseed: 7\n")
+    path = write_yaml(tmp_path, "preset: cpu\nepochs: 5\nbatch_size: 16\nlr: 0.01\nseed: 7\n")
     cfg = build_config(
         yaml_path=path,
         overrides={"batch_size": 8, "lr": 0.02},
@@ -165,7 +166,7 @@ def test_precedence_defaults_lt_preset_lt_yaml_lt_overrides_lt_cli(tmp_path):
     assert cfg.preset == "cpu"
     assert cfg.model.v_th == 0.4  # default
     assert cfg.model.width == 0.125  # preset
-    assert cfg.run.epochs == 4  # yaml beats preset (3)
+    assert cfg.run.epochs == 5  # yaml beats preset (4)
     assert cfg.run.seed == 7  # yaml beats default
     assert cfg.run.batch_size == 8  # overrides beat yaml
     assert cfg.optim.lr == 0.03  # cli beats overrides

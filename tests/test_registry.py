@@ -17,7 +17,7 @@ from stbp.train import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def registry_accuracy(model_uri: str, tracking_uri: str, data_dir: str, n: int) -> float:
+def registry_accuracy(model_uri: str, tracking_uri: str, data_dir: str, n: int, workdir: Path | None = None) -> float:
     """Test accuracy of a registered model on the first ``n`` MNIST test images, loaded in a fresh process where
     importing stbp fails: the registered model needs only torch and MLflow."""
     code = f"""
@@ -36,7 +36,7 @@ with torch.no_grad():
 print("ACC", 100.0 * correct / len(data["y"]))
 """
     mnist = load_dataset("mnist", data_dir)
-    batch = Path(tracking_uri.removeprefix("sqlite:///")).parent / "batch.pt"
+    batch = (workdir or Path(tracking_uri.removeprefix("sqlite:///")).parent) / "batch.pt"
     torch.save({"x": normalize(mnist.test_images[:n], (0.1307,), (0.3081,)), "y": mnist.test_labels[:n]}, batch)
     out = subprocess.run([sys.executable, "-c", code, str(batch)], capture_output=True, text=True, timeout=300,
                          cwd=batch.parent)

@@ -272,6 +272,107 @@ def test_terminal_shows_the_ranked_trials_and_the_mlflow_link(resumed_sweep):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# End to end: a multi-objective sweep (accuracy against synaptic operations), run twice
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi_sweeps(mlflow_server, tmp_path_factory, data_dir):
+    """The same sweep file run twice in one directory, made multi-objective by one option: two sweeps, two parent
+    runs, two versions of the registered model."""
+    work = tmp_path_factory.mktemp("multi")
+    path = write_sweep(work, "multi", [GOOD, BAD], 3, {"cpus": 2, "gpus": 0, "workers": 1},
+                       mlflow={"experiment": "stbp-multi"})  # registered_model: the default, stbp-{name}
+    args = ["--sweep", str(path), "--tracking_uri", mlflow_server, "--metric", "val_acc,sops_per_image",
+            "--epochs", "1", "--train_size", "2048", "--lr", "0.005", "--test_size", "500"]
+    env, client = tune_env(data_dir), MlflowClient(mlflow_server)
+    runs = [run_tune(args, work, env, work / f"run{i}.log") for i in (1, 2)]
+    exp = client.get_experiment_by_name("stbp-multi")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`stbp.role` = 'sweep'",
+                                 order_by=["attributes.start_time ASC"])
+    return types.SimpleNamespace(client=client, work=work, exp_id=exp.experiment_id, runs=runs, parents=parents)
+
+
+@pytest.mark.slow
+def test_running_a_sweep_twice_makes_two_sweeps_and_two_parent_runs(multi_sweeps):
+    s = multi_sweeps
+    for rc, out in s.runs:
+        assert rc == 0, out[-6000:]
+    assert "ASHA (which ranks trials by one) is off" in s.runs[0][1]
+    assert "starting sweep 'multi-2'" in s.runs[1][1]
+    assert [p.info.run_name for p in s.parents] == ["multi", "multi-2"]
+    assert all(p.info.status == "FINISHED" and p.data.tags["metric"] == "val_acc,sops_per_image" for p in s.parents)
+    assert (s.work / "ray_results" / "multi").is_dir() and (s.work / "ray_results" / "multi-2").is_dir()
+    assert len(children(s.client, s.parents[0].info.run_id, s.exp_id)) == 3  # the first is untouched
+
+
+@pytest.mark.slow
+def test_a_multi_objective_sweep_ends_with_the_pareto_front_tagged_and_drawn(multi_sweeps, tmp_path):
+    s = multi_sweeps
+    parent = s.parents[0]
+    runs = children(s.client, parent.info.run_id, s.exp_id)
+    report = {a.path for a in s.client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/pareto.csv", "report/pareto.png", "report/slices.png", "report/sensitivity.json"} <= report
+    local = Path(s.client.download_artifacts(parent.info.run_id, "report", str(tmp_path)))
+    import csv
+
+    with open(local / "pareto.csv") as f:
+        front = {row["run_id"] for row in csv.DictReader(f)}
+    tagged = {r.info.run_id for r in runs if r.data.tags.get("pareto_optimal") == "true"}
+    assert front and tagged == front and all(r.data.tags.get("pareto_optimal") in ("true", "false") for r in runs)
+    # The front, by its definition, on what MLflow recorded: no trial is better in both metrics.
+    last = {r.info.run_id: (r.data.metrics["val_acc"], r.data.metrics["sops_per_image"]) for r in runs}
+    for run_id in front:
+        acc, sops = last[run_id]
+        assert not any(a >= acc and c <= sops and (a, c) != (acc, sops) for a, c in last.values())
+    assert parent.data.tags["pareto_trials"] and (local / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_trial_s_parameters_are_its_config_without_paths_and_its_spike_cost_is_logged(multi_sweeps):
+    s = multi_sweeps
+    for run in children(s.client, s.parents[0].info.run_id, s.exp_id):
+        params, tags = run.data.params, run.data.tags
+        assert {"v_th", "aa", "width", "lr"} <= set(params)
+        assert not {"output_dir", "data_dir", "run_name", "run_id", "tracking_uri", "experiment"} & set(params)
+        assert not [v for v in params.values() if "/" in v], params  # no path among them
+        assert Path(tags["output_dir"]).is_dir() and tags["mlflow.parentRunId"] == s.parents[0].info.run_id
+        assert {"spikes_per_image", "sops_per_image", "energy_uj_per_image", "firing_rate"} <= set(run.data.metrics)
+        assert "firing_rate/lif1" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_the_compare_link_is_printed_and_tagged_with_every_trial(multi_sweeps):
+    from urllib.parse import unquote
+
+    s = multi_sweeps
+    for (_, out), parent in zip(s.runs, s.parents):
+        url = unquote(parent.data.tags["compare_trials_url"])
+        ids = [r.info.run_id for r in children(s.client, parent.info.run_id, s.exp_id)]
+        assert url.startswith(f"{s.client.tracking_uri}/#/compare-runs?runs=[") and all(i in url for i in ids)
+        assert f'experiments=["{s.exp_id}"]' in url and parent.data.tags["compare_trials_url"] in out
+        assert f"/#/experiments/{s.exp_id}/runs" in out and "Where it works:" in out and "aa/v_th" in out
+
+
+@pytest.mark.slow
+def test_the_best_trial_is_registered_and_loads_by_name_scoring_like_best_pt(multi_sweeps, data_dir):
+    from stbp.evaluate import evaluate_checkpoint
+    from tests.test_registry import registry_accuracy
+
+    s = multi_sweeps
+    versions = s.client.search_model_versions("name = 'stbp-multi'")
+    assert sorted(v.version for v in versions) == ["1", "2"]  # one per sweep, under the file's name
+    parent = s.client.get_run(s.parents[1].info.run_id)
+    best = s.client.get_run(parent.data.tags["best_run_id"])
+    assert parent.data.tags["registered_model"] == "models:/stbp-multi/2"
+    assert {v.run_id for v in versions if v.version == "2"} == {best.info.run_id}
+    expected = evaluate_checkpoint(Path(best.data.tags["output_dir"]) / "checkpoints" / "best.pt", data_dir=data_dir,
+                                   limit=500)["test_acc"]
+    assert registry_accuracy("models:/stbp-multi/latest", s.client.tracking_uri, data_dir, 500,
+                             workdir=s.work) == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Faults: a trial killed mid-epoch, a diverging trial, and a driver SIGKILLed mid-sweep, then resumed
 # ----------------------------------------------------------------------------------------------------------
 

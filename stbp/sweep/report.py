@@ -154,7 +154,7 @@ def ui_hint(record: SweepRecord, rows: Sequence[TrialRow] = ()) -> str:
     lines = []
     if not record.tracking_uri.startswith(("http://", "https://")):
         lines.append(f"MLflow UI: mlflow ui --backend-store-uri {record.tracking_uri} --host 127.0.0.1 --port 5000")
-    lines.append(f"Runs table:        {_ui_base(record)}/#/experiments/{record.experiment_id}/runs")
+    lines.append(f"Runs table:         {_ui_base(record)}/#/experiments/{record.experiment_id}/runs")
     if rows:
         lines.append(f"Compare the trials: {compare_url(record, rows)}")
     return "\n".join(lines)
@@ -234,7 +234,7 @@ def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: P
         print(format_region(region))
     if sweep.multi_objective:
         print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in zip(sweep.metrics, sweep.modes))}): "
-              f"{len(front)} trials, tagged pareto_optimal=true: {', '.join(r.trial_id for r in front)}")
+              f"{len(front)} of {len(rows)} trials, tagged pareto_optimal=true: {', '.join(r.trial_id for r in front)}")
     print(f"Train it fully: python train_ddp.py --config {out / 'best_config.yaml'}")
     if registered:
         print(f"Its model: mlflow.pytorch.load_model(\"{registered}\") (Model Registry)")
