@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .conv import SpikeConv2d
 from .neuron import LIF
 
-__all__ = ["FiringRateMonitor", "spike_cost", "firing_rate_chart", "E_AC_PJ", "E_MAC_PJ"]
+__all__ = ["FiringRateMonitor", "spike_cost", "rate_table", "firing_rate_chart", "E_AC_PJ", "E_MAC_PJ"]
 
 E_AC_PJ = 0.9  #: pJ per accumulate (a 32-bit float add, 45 nm; Horowitz 2014): the cost of one SOP
 E_MAC_PJ = 4.6  #: pJ per multiply-accumulate (3.7 pJ multiply + 0.9 pJ add, 32-bit float, 45 nm; Horowitz 2014)
@@ -138,6 +138,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP, torch.compile
         model = getattr(model, "module", None) or model._orig_mod
     return model
+
+
+def rate_table(history: list[dict[str, float]], path: str | Path) -> Path | None:
+    """The firing rate of every spiking layer at every epoch (``firing_rate/<layer>`` in each epoch's metrics) as a
+    CSV table, one row per epoch: what MLflow keeps as an artifact rather than as 18 charts ahead of the accuracy."""
+    import csv
+
+    layers = [k for k in (history[-1] if history else {}) if k.startswith("firing_rate/")]
+    if not layers:
+        return None
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["epoch", *(k.removeprefix("firing_rate/") for k in layers)])
+        out.writerows([m.get("epoch", i + 1), *(m.get(k, "") for k in layers)] for i, m in enumerate(history))
+    return Path(path)
 
 
 def firing_rate_chart(rates: dict[str, float], path: str | Path) -> Path | None:

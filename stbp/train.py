@@ -28,7 +28,7 @@ from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
 from .model import MODEL_KWARGS, resnet19
-from .monitor import firing_rate_chart
+from .monitor import firing_rate_chart, rate_table
 from .recipe import WeightEMA, amp_dtype, build_optimizer, cpu_has_native_bf16, lr_at
 from .tdbn import convert_sync_tdbn
 
@@ -152,11 +152,9 @@ class _Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if cfg.run.compile and self.device.type == "cpu" and env.is_primary:
-            warnings.warn(
-                "compile=true on a CPU: torch.compile (inductor) made this model's training step 5-6x slower "
-                "than eager on an AVX2 CPU (torch 2.14; BENCHMARKS.md). It is meant for CUDA.",
-                stacklevel=2,
-            )
+            warnings.warn("compile=true on a CPU: torch.compile (inductor) made this model's training step 5-6x "
+                          "slower than eager on an AVX2 CPU (torch 2.14; BENCHMARKS.md). It is meant for CUDA.",
+                          stacklevel=2)
         self.model = torch.compile(model) if cfg.run.compile else model
         self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
         self.mlflow_run_id = cfg.tracking.run_id
@@ -329,12 +327,9 @@ class _Trainer:
     def run(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
         self.setup()
-        self.log(
-            f"[stbp] {cfg.data.dataset}: {self.data.n_train} train / {self.data.n_val} val images, {env.world_size} "
-            f"rank(s) on "
-            f"{self.device}, {'bf16 autocast' if self.amp else 'fp32'}, "
-            f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters"
-        )
+        self.log(f"[stbp] {cfg.data.dataset}: {self.data.n_train} train / {self.data.n_val} val images, "
+                 f"{env.world_size} rank(s) on {self.device}, {'bf16 autocast' if self.amp else 'fp32'}, "
+                 f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters")
         stopped_early = False
         try:
             for epoch in range(self.start_epoch, cfg.run.epochs):
@@ -352,7 +347,10 @@ class _Trainer:
                 self.history.append(metrics)
                 if env.is_primary:
                     self.ckpts.save(self._state(epoch + 1), best=is_best)
-                    self.tracker.log_metrics(metrics, step=epoch + 1)
+                    # Per-layer rates go to a table: as metrics they would be charted ahead of the accuracy.
+                    self.tracker.log_metrics({k: v for k, v in metrics.items() if "/" not in k}, step=epoch + 1)
+                    if (table := rate_table(self.history, self.out / "firing_rates.csv")) is not None:
+                        self.tracker.log_artifact(table)
                     self.tracker.log_artifact(self.ckpts.last, "checkpoints")
                     if is_best:
                         self.tracker.log_artifact(self.ckpts.best, "checkpoints")

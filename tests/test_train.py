@@ -192,10 +192,13 @@ def test_torchrun_two_ranks_trains_one_epoch_and_records_mlflow_run(tmp_path, da
     assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.data.params["v_th"] == "0.4" and run.data.params["batch_size"] == "64"
     assert run.data.tags["world_size"] == "2"
-    assert {"train_loss", "val_acc", "lr", "images_per_s", "test_acc", "firing_rate/lif1"} <= set(run.data.metrics)
+    assert {"train_loss", "val_acc", "lr", "images_per_s", "test_acc", "sops_per_image"} <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if k.startswith("firing_rate/")]  # per layer: the table below
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"checkpoints", "summary.json", "firing_rates.png"} <= artifacts
+    assert {"checkpoints", "summary.json", "firing_rates.png", "firing_rates.csv"} <= artifacts
+    table = Path(client.download_artifacts(run.info.run_id, "firing_rates.csv", str(tmp_path))).read_text()
+    assert table.splitlines()[0].startswith("epoch,lif1,") and len(table.splitlines()) == 2  # one epoch
     ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert ckpts == {"checkpoints/last.pt", "checkpoints/best.pt"}
 
