@@ -348,7 +348,10 @@ class _Trainer:
                 if env.is_primary:
                     self.ckpts.save(self._state(epoch + 1), best=is_best)
                     # Per-layer rates go to a table: as metrics they would be charted ahead of the accuracy.
-                    self.tracker.log_metrics({k: v for k, v in metrics.items() if "/" not in k}, step=epoch + 1)
+                    # In this order: MLflow's compare page charts the first metric a run logged.
+                    ordered = {k: metrics[k] for k in ("val_acc", "val_loss", *SPIKE_COST) if k in metrics}
+                    self.tracker.log_metrics({**ordered, **{k: v for k, v in metrics.items() if "/" not in k}},
+                                             step=epoch + 1)
                     if (table := rate_table(self.history, self.out / "firing_rates.csv")) is not None:
                         self.tracker.log_artifact(table)
                     self.tracker.log_artifact(self.ckpts.last, "checkpoints")

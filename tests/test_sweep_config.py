@@ -71,6 +71,13 @@ def test_shipped_sweeps_are_valid_and_contain_the_reference_point_with_room(name
     assert sweep.metric == "val_acc" and sweep.mode == "max"
 
 
+def test_the_shipped_energy_sweep_trades_accuracy_against_synaptic_operations_on_gpus():
+    sweep = load_sweep(ROOT / "sweeps" / "vth_aa_energy.yaml")
+    assert (sweep.metrics, sweep.modes, sweep.scheduler.type) == (("val_acc", "sops_per_image"), ("max", "min"), "none")
+    assert {"v_th": 0.4, "aa": 0.5} in sweep.search.points_to_evaluate and sweep.resources.gpus == 1
+    assert sweep.mlflow.registered_model == "stbp-vth_aa_energy"
+
+
 def test_smoke_sweep_is_small_and_cpu_only():
     sweep = load_sweep(ROOT / "sweeps" / "smoke.yaml")
     assert sweep.train.preset == "cpu" and sweep.train.run.epochs <= 3
