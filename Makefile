@@ -11,7 +11,8 @@ ARGS ?=
 help:
 	@echo "make train   train ResNet-19 on MNIST (GPUs: 'seed' preset under torchrun on all of them; else 'cpu')"
 	@echo "make sweep   Ray Tune + Optuna sweep of v_th/aa (GPUs: sweeps/vth_aa.yaml; else sweeps/smoke.yaml)"
-	@echo "             ARGS=--resume continues an interrupted sweep; ARGS='--storage DIR' starts another one"
+	@echo "             run again: a new sweep (smoke-2, ...); ARGS=--resume continues the latest, ARGS='--resume smoke-2' that one"
+	@echo "             ARGS='--metric val_acc,sops_per_image': accuracy against synaptic operations (the Pareto front)"
 	@echo "make ui      MLflow UI on the local store (mlflow.db)"
 	@echo "make test    the test suite;  make lint   ruff;  make bench   CPU benchmarks"
 

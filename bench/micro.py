@@ -2,6 +2,7 @@
 
     python bench/micro.py step [--batch 128] [--width 0.125] [--contiguous] [--compile]  # a training step, median of 6
     python bench/micro.py eval [--width 0.125]                              # inference img/s per eval batch size
+    python bench/micro.py cost [--width 0.125] [--batch 128]                # evaluation with/without the spike cost
     python bench/micro.py lif                                               # fused LIF fwd+bwd, [2,128,16,28,28]
     python bench/micro.py ops                                               # bool vs float elementwise ops
     python bench/micro.py conv                                              # ResNet-19's convolutions: kernels, GFLOP/s
@@ -64,6 +65,28 @@ def evaluate(width: float) -> None:
         x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
         s = median_s(lambda x=x: model(x), 3, warmup=1)
         print(f"eval: width {width} batch {batch}: {batch / s:.0f} img/s")
+
+
+def cost(width: float, batch: int) -> None:
+    """stbp.evaluate.evaluate over 1,024 images: plain, with firing rates and spike cost (the monitor's hooks,
+    the SOP count), alternating, median of 5 rounds; the training step has no hooks either way."""
+    from stbp.evaluate import evaluate as run_eval
+
+    torch.manual_seed(0)
+    model = resnet19(width=width).to(memory_format=torch.channels_last)
+    x, y = torch.randn(1024, 1, 28, 28), torch.randint(0, 10, (1024,))
+    batches = lambda: zip(x.split(batch), y.split(batch))  # noqa: E731
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for flag in (False, True):  # warm-up
+        run_eval(model, batches(), "val", firing_rates=flag)
+    for _ in range(5):
+        for flag in (False, True):
+            t = time.perf_counter()
+            run_eval(model, batches(), "val", firing_rates=flag)
+            times[flag].append(time.perf_counter() - t)
+    plain, counted = (sorted(times[f])[2] for f in (False, True))
+    print(f"evaluate 1,024 images, width {width}, batch {batch}: plain {plain * 1e3:.0f} ms, with firing rates and "
+          f"spike cost {counted * 1e3:.0f} ms ({counted / plain:.2f}x)")
 
 
 def lif() -> None:
@@ -135,7 +158,7 @@ def conv() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("step", "eval", "lif", "ops", "conv"))
+    p.add_argument("what", choices=("step", "eval", "cost", "lif", "ops", "conv"))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=float, default=0.125)
     p.add_argument("--contiguous", action="store_true", help="contiguous instead of channels_last")
@@ -145,6 +168,8 @@ def main() -> None:
         step(args.batch, args.width, not args.contiguous, args.compile)
     elif args.what == "eval":
         evaluate(args.width)
+    elif args.what == "cost":
+        cost(args.width, args.batch)
     elif args.what == "lif":
         lif()
     elif args.what == "conv":

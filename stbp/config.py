@@ -29,8 +29,7 @@ from .validation import ConfigError, Note, Rule, describe, load_yaml, section, t
 
 __all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "RunConfig", "TrackingConfig", "Config",
            "PRESETS", "preset_names", "field_names", "build_config", "apply_overrides", "parse_cli", "config_to_dict",
-           "config_from_dict", "flatten_config", "flatten_mapping", "save_yaml", "load_yaml", "check_global_batch",
-           "BOOKKEEPING_FIELDS"]
+           "config_from_dict", "flatten_config", "flatten_mapping", "save_yaml", "load_yaml", "check_global_batch"]
 
 Positive = Annotated[float, Field(gt=0)]
 NonEmpty = Annotated[str, Field(pattern=r"\S")]
@@ -203,12 +202,6 @@ SECTIONS = types.MappingProxyType({f.name: f.default_factory for f in dataclasse
 SECTION_OF = types.MappingProxyType({name: sec for sec, cls in SECTIONS.items() for name in cls.__pydantic_fields__})
 FIELDS = types.MappingProxyType({n: SECTIONS[s].__pydantic_fields__[n] for n, s in SECTION_OF.items()})
 assert len(SECTION_OF) == sum(len(c.__pydantic_fields__) for c in SECTIONS.values()), "leaf names must be unique"
-
-
-#: Fields that say where a run's records go, not what it trains: MLflow records them as tags, not parameters, so
-#: that comparing runs compares what defines them.
-BOOKKEEPING_FIELDS = ("output_dir", "data_dir", "resume", "run_id", "run_name", "tracking_uri", "experiment", "mlflow",
-                      "register_model", "tags")
 
 
 def field_names() -> list[str]:
@@ -430,12 +423,8 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def build_config(
-    preset: str | None = None,
-    yaml_path: str | os.PathLike | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    cli: Sequence[str] | None = None,
-) -> Config:
+def build_config(preset: str | None = None, yaml_path: str | os.PathLike | None = None,
+                 overrides: Mapping[str, Any] | None = None, cli: Sequence[str] | None = None) -> Config:
     """A validated Config: defaults < preset < YAML file < overrides mapping < CLI list. The YAML file (keys
     nested by section, flat or dotted) may name a preset, ``preset: NAME``, used when ``preset`` is None."""
     yaml_values: dict[str, Any] = {}

@@ -19,13 +19,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = [
+__all__ = ["BOOKKEEPING_FIELDS", 
     "TrackingError", "default_tracking_uri", "resolve_tracking_uri", "check_tracking_uri", "experiment_id", "Tracker",
     "NullTracker", "make_tracker",
 ]
 
 # Never log these as params or tags, wherever they come from.
 _SECRET_WORDS = ("token", "secret", "password", "key", "credential")
+
+
+#: Config fields that say where a run's records go, not what it trains: they are tags, not parameters, so that
+#: comparing runs in MLflow compares what defines them.
+BOOKKEEPING_FIELDS = ("output_dir", "data_dir", "resume", "run_id", "run_name", "tracking_uri", "experiment", "mlflow",
+                      "register_model", "tags")
 
 
 class TrackingError(RuntimeError):
