@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BOOKKEEPING_FIELDS", 
+__all__ = ["BOOKKEEPING_FIELDS",
     "TrackingError", "default_tracking_uri", "resolve_tracking_uri", "check_tracking_uri", "experiment_id", "Tracker",
     "NullTracker", "make_tracker",
 ]
