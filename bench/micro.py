@@ -3,6 +3,7 @@
     python bench/micro.py step [--batch 128] [--width 0.125] [--contiguous] [--compile]  # a training step, median of 6
     python bench/micro.py eval [--width 0.125]                              # inference img/s per eval batch size
     python bench/micro.py cost [--width 0.125] [--batch 128]                # evaluation with/without the spike cost
+    python bench/micro.py levers [--width 0.125] [--batch 128]              # train step: plain, +smoothing, +EMA
     python bench/micro.py lif                                               # fused LIF fwd+bwd, [2,128,16,28,28]
     python bench/micro.py ops                                               # bool vs float elementwise ops
     python bench/micro.py conv                                              # ResNet-19's convolutions: kernels, GFLOP/s
@@ -65,6 +66,37 @@ def evaluate(width: float) -> None:
         x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
         s = median_s(lambda x=x: model(x), 3, warmup=1)
         print(f"eval: width {width} batch {batch}: {batch / s:.0f} img/s")
+
+
+def levers(width: float, batch: int) -> None:
+    """stbp.train.train_step as the cpu preset runs it (bf16 where the CPU has it): plain, with label smoothing,
+    and followed by the weight EMA's update; alternating, median of 7 rounds of 3 steps."""
+    from stbp.config import build_config
+    from stbp.recipe import WeightEMA, amp_dtype
+    from stbp.train import train_step
+
+    torch.manual_seed(0)
+    model = resnet19(width=width).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    ema = WeightEMA(model, 0.999)
+    amp = amp_dtype(build_config(preset="cpu"), torch.device("cpu"))
+    x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    variants = {"plain": lambda: train_step(model, opt, x, y, amp),
+                "smoothing": lambda: train_step(model, opt, x, y, amp, label_smoothing=0.1),
+                "ema": lambda: (train_step(model, opt, x, y, amp), ema.update())}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(7):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            for _ in range(3):
+                fn()
+            times[name].append((time.perf_counter() - t) / 3)
+    med = {k: sorted(v)[3] for k, v in times.items()}
+    print(f"train step, width {width}, batch {batch}, {amp or 'fp32'}: " + ", ".join(
+        f"{k} {v * 1e3:.0f} ms ({batch / v:.0f} img/s, {v / med['plain']:.2f}x)" for k, v in med.items()))
 
 
 def cost(width: float, batch: int) -> None:
@@ -158,7 +190,7 @@ def conv() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("step", "eval", "cost", "lif", "ops", "conv"))
+    p.add_argument("what", choices=("step", "eval", "cost", "levers", "lif", "ops", "conv"))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=float, default=0.125)
     p.add_argument("--contiguous", action="store_true", help="contiguous instead of channels_last")
@@ -170,6 +202,8 @@ def main() -> None:
         evaluate(args.width)
     elif args.what == "cost":
         cost(args.width, args.batch)
+    elif args.what == "levers":
+        levers(args.width, args.batch)
     elif args.what == "lif":
         lif()
     elif args.what == "conv":

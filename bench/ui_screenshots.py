@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--tracking_uri", required=True, help="an MLflow server (http://...), as the UI is served")
     p.add_argument("--experiment", required=True)
     p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--sweep", default=None, help="the sweep (parent run name; default: the newest)")
     p.add_argument("--prefix", default=None, help="file name prefix (default: the sweep's name)")
     args = p.parse_args()
     from mlflow.tracking import MlflowClient
@@ -46,8 +47,9 @@ def main() -> None:
     if exp is None:
         raise SystemExit(f"no experiment {args.experiment!r} at {args.tracking_uri}")
     parents = client.search_runs([exp.experiment_id], "tags.`stbp.role` = 'sweep'", order_by=["start_time DESC"])
+    parents = [r for r in parents if args.sweep in (None, r.info.run_name)]
     if not parents:
-        raise SystemExit(f"no sweep in {args.experiment!r}")
+        raise SystemExit(f"no sweep {args.sweep or ''} in {args.experiment!r}")
     parent = parents[0]
     prefix = args.prefix or parent.info.run_name
     ui = args.tracking_uri.rstrip("/")
