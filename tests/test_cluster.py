@@ -359,7 +359,8 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
         # Trials ran on both nodes (Ray's own record of the trial actors and where they lived).
         state = cluster_state(dashboard, env)
         assert state, "Ray's state API did not answer"
-        trial_nodes = [a["node"] for a in state["actors"] if a["cls"] == "ImplicitFunc"]  # Tune's trial actors
+        # Tune's trial actors; Ray names their class "ImplicitFunc" or "wrap_function.<locals>.ImplicitFunc".
+        trial_nodes = [a["node"] for a in state["actors"] if a["cls"].split(".")[-1] == "ImplicitFunc"]
         assert set(trial_nodes) == set(by_role.values()), (by_role, state["actors"])
 
         # Every trial is in MLflow: one child run per trial directory, under one finished parent run.
