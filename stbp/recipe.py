@@ -73,9 +73,12 @@ class WeightEMA:
 
         self.decay, self.updates = decay, 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        pairs = [(a, w) for a, w in zip(self._tensors(self.module), self._tensors(model), strict=True)]
-        self._lerp = [(a, w) for a, w in pairs if a.is_floating_point()]
-        self._copy = [(a, w) for a, w in pairs if not a.is_floating_point()]
+        pairs = list(zip(self._tensors(self.module), self._tensors(model), strict=True))
+        # Split once: an update is then one foreach call per kind, not a Python loop over tensors.
+        floats = [(a, w) for a, w in pairs if a.is_floating_point()]
+        ints = [(a, w) for a, w in pairs if not a.is_floating_point()]  # e.g. tdBN's num_batches_tracked
+        self._avg, self._src = [a for a, _ in floats], [w for _, w in floats]
+        self._int_avg, self._int_src = [a for a, _ in ints], [w for _, w in ints]
 
     @staticmethod
     def _tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -85,9 +88,9 @@ class WeightEMA:
     def update(self) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_([a for a, _ in self._lerp], [w for _, w in self._lerp], 1.0 - d)
-        for a, w in self._copy:
-            a.copy_(w)
+        torch._foreach_lerp_(self._avg, self._src, 1.0 - d)
+        if self._int_avg:
+            torch._foreach_copy_(self._int_avg, self._int_src)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
