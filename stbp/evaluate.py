@@ -53,8 +53,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], split: 
     parts = [loss_sum, correct, torch.tensor(float(count), device=dev, dtype=torch.float64)]
     if monitor is not None:
         spikes, counts = monitor.totals()
-        spikes = torch.zeros(len(counts), device=dev, dtype=torch.float64) if spikes is None else spikes
-        parts += [monitor.cost_totals(dev), spikes.double(), torch.tensor(counts, device=dev, dtype=torch.float64)]
+        spikes = torch.zeros(len(counts), device=dev, dtype=torch.float64) if spikes is None else spikes.double()
+        parts += [monitor.cost_totals(spikes), spikes, torch.tensor(counts, device=dev, dtype=torch.float64)]
     totals = torch.cat([p.reshape(-1) for p in parts])
     totals = (all_reduce_sum(totals, env) if env is not None else totals).tolist()  # the one sync
     n = totals[2]

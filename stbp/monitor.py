@@ -26,10 +26,13 @@ from torch import Tensor, nn
 from .conv import SpikeConv2d
 from .neuron import LIF
 
-__all__ = ["FiringRateMonitor", "spike_cost", "rate_table", "firing_rate_chart", "E_AC_PJ", "E_MAC_PJ"]
+__all__ = ["FiringRateMonitor", "spike_cost", "rate_table", "firing_rate_chart", "E_AC_PJ", "E_MAC_PJ",
+           "SPIKE_COST"]
 
 E_AC_PJ = 0.9  #: pJ per accumulate (a 32-bit float add, 45 nm; Horowitz 2014): the cost of one SOP
 E_MAC_PJ = 4.6  #: pJ per multiply-accumulate (3.7 pJ multiply + 0.9 pJ add, 32-bit float, 45 nm; Horowitz 2014)
+#: The spike-cost metrics :func:`stbp.evaluate.evaluate` reports with firing rates on (per epoch, on validation).
+SPIKE_COST = ("spikes_per_image", "sops_per_image", "energy_uj_per_image", "firing_rate")
 
 
 class FiringRateMonitor:
@@ -40,21 +43,18 @@ class FiringRateMonitor:
     """
 
     def __init__(self, model: nn.Module):
-        self.names: list[str] = []
+        model = _unwrap(model)  # the names are the model's own module paths
         self._handles = []
         lifs = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
         if not lifs:
             raise ValueError("model has no LIF layers to monitor")
-        for i, (name, module) in enumerate(lifs):
-            for prefix in ("module.", "_orig_mod."):
-                while name.startswith(prefix):
-                    name = name[len(prefix) :]
-            self.names.append(name)
+        self.names: list[str] = [name for name, _ in lifs]
+        for i, (_, module) in enumerate(lifs):
             self._handles.append(module.register_forward_hook(self._hook(i)))
         self._spikes: Tensor | None = None
         self._counts = [0] * len(lifs)
         # Spike cost: exact SOPs of the convolutions that see spikes, MACs of those that see pixels.
-        dense = getattr(_unwrap(model), "dense_fan_outs", dict)()
+        dense = getattr(model, "dense_fan_outs", dict)()
         self._fan_out = [float(dense.get(name, 0)) for name in self.names]
         self._sops: Tensor | None = None
         self._macs = 0
@@ -98,15 +98,14 @@ class FiringRateMonitor:
         """Spike sums (device tensor, one per layer) and element counts: what ranks all-reduce."""
         return self._spikes, list(self._counts)
 
-    def cost_totals(self, device: torch.device) -> Tensor:
-        """``[spikes, SOPs, MACs]`` summed over everything seen (a float64 device tensor; no sync): what ranks
-        all-reduce before :func:`spike_cost` divides by the images."""
-        spikes = self._spikes if self._spikes is not None else torch.zeros(len(self.names), device=device,
-                                                                          dtype=torch.float64)
-        dense = (spikes * torch.tensor(self._fan_out, device=device, dtype=torch.float64)).sum()
-        conv = self._sops if self._sops is not None else torch.zeros((), device=device, dtype=torch.float64)
-        return torch.stack([spikes.sum(), conv + dense, torch.tensor(float(self._macs), device=device,
-                                                                     dtype=torch.float64)])
+    def cost_totals(self, spikes: Tensor) -> Tensor:
+        """``[spikes, SOPs, MACs]`` summed over everything seen, from ``spikes``, the per-layer sums of
+        :meth:`totals` as float64 (zeros before any forward); a device tensor, no sync: what ranks all-reduce before
+        :func:`spike_cost` divides by the images."""
+        dense = (spikes * torch.tensor(self._fan_out, device=spikes.device, dtype=spikes.dtype)).sum()
+        sops = dense if self._sops is None else self._sops + dense
+        return torch.stack([spikes.sum(), sops, torch.tensor(float(self._macs), device=spikes.device,
+                                                             dtype=spikes.dtype)])
 
     def rates(self) -> dict[str, float]:
         """``{layer name: firing rate}``; syncs with the device once."""
