@@ -28,15 +28,12 @@ from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
 from .model import MODEL_KWARGS, resnet19
-from .monitor import firing_rate_chart, rate_table
+from .monitor import SPIKE_COST, firing_rate_chart, rate_table
 from .recipe import WeightEMA, amp_dtype, build_optimizer, cpu_has_native_bf16, lr_at
 from .tdbn import convert_sync_tdbn
 
 __all__ = ["train", "train_step", "tet_loss", "EarlyStopping", "TrainingDiverged", "Callback", "lr_at", "model_kwargs",
            "amp_dtype", "cpu_has_native_bf16"]  # the recipe's names stay importable from here
-
-#: The spike-cost metrics evaluation reports with firing rates on (stbp.monitor), per epoch on the validation set.
-SPIKE_COST = ("spikes_per_image", "sops_per_image", "energy_uj_per_image", "firing_rate")
 
 Callback = Callable[[int, dict[str, float], "str | None"], None]
 

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .analysis import REFERENCE, coordinates, is_reference
+from .analysis import REFERENCE, coordinates, derived, is_reference
 from .record import TrialRow
 from .spec import Sweep
 
@@ -129,7 +129,7 @@ def plot_slices(rows: Sequence[TrialRow], sweep: Sweep, region: dict | None, pat
         ax.axvspan(low, high, color="tab:green", alpha=0.12, label="working region")
         ax.axhline(region["threshold"], color="tab:green", ls="--", lw=1,
                    label=f"{region['fraction']:.0%} of the best")
-        ref = coordinates(TrialRow("", "", dict(REFERENCE), "", None, 0)).get(name)
+        ref = {**REFERENCE, **derived(REFERENCE)}.get(name)
         if ref is not None:
             ax.axvline(ref, color="tab:orange", lw=1, ls=":", label="reference setting")
         values = [coordinates(r)[name] for r in scored]

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from ..monitor import SPIKE_COST
 from ..tracking import TrackingError, experiment_id
 
 if TYPE_CHECKING:
@@ -222,7 +223,7 @@ def mark_parent(record: SweepRecord, status: str) -> None:
 
 
 #: Reported with every row: what the trial's last epoch cost in spikes (on the validation set).
-COST_METRICS = ("spikes_per_image", "sops_per_image", "energy_uj_per_image")
+COST_METRICS = SPIKE_COST[:3]
 
 
 @dataclass

@@ -29,6 +29,7 @@ from ..config import (
     flatten_mapping,
     parse_cli,
 )
+from ..monitor import SPIKE_COST
 from ..validation import Rule, Word, build, did_you_mean, init_fields, load_yaml, section, unknown_key
 from .errors import SweepError
 from .space import PARAMS, Choice, IntRange, Param, Range
@@ -38,8 +39,7 @@ __all__ = ["SweepError", "Range", "IntRange", "Choice", "Search", "Scheduler", "
 
 
 #: The metrics the trainer reports every epoch that a sweep can optimise (the spike cost is the validation set's).
-METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "spikes_per_image", "sops_per_image",
-           "energy_uj_per_image", "firing_rate")
+METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", *SPIKE_COST)
 #: Training fields every trial sets for itself: a sweep may neither set nor search them.
 TRIAL_OWNED_FIELDS = ("output_dir", "resume", "run_id", "tracking_uri", "experiment", "mlflow", "run_name",
                       "register_model")
@@ -348,7 +348,7 @@ def _build_sweep(raw: dict, train_cli, num_samples, tracking_uri) -> Sweep:
     train = _read_train(raw["train"], train_cli)
     space = _read_space(raw["space"], train)
     metric, mode = _read_objectives(raw.get("metric", "val_acc"), raw.get("mode"))
-    counted = [m for m in ((metric,) if isinstance(metric, str) else metric) if m in METRICS[4:]]
+    counted = [m for m in ((metric,) if isinstance(metric, str) else metric) if m in SPIKE_COST]
     if counted and not train.run.firing_rates:
         raise SweepError(f"metric {', '.join(counted)} is counted during validation with the firing rates: "
                          "train.firing_rates must stay true")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointDir
 from ..config import Config, apply_overrides, config_from_dict, config_to_dict
+from ..monitor import SPIKE_COST
 from .record import SweepRecord, child_run, fail_child
 from .spec import Resources
 
@@ -17,7 +18,7 @@ __all__ = ["TrialPlan", "stbp_trial", "trial_config", "trial_resources", "trial_
 
 #: Reported to Tune in this order: its live table shows the first four.
 TUNE_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "epoch", "lr", "epoch_time_s", "images_per_s",
-                "spikes_per_image", "sops_per_image", "energy_uj_per_image", "firing_rate")
+                *SPIKE_COST)
 
 
 @dataclass(frozen=True)
