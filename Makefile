@@ -31,6 +31,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 train: $(STAMP)
 	@gpus=$$($(PY) -c "import torch; print(torch.cuda.device_count())"); \

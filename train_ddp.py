@@ -60,8 +60,9 @@ def hardware_preset() -> str:
     gpus = torch.cuda.device_count()
     preset, why = ("seed", f"the reference's setting, on {gpus} GPU(s)") if gpus else ("cpu", "no GPU here")
     if os.environ.get("RANK", "0") == "0":
-        print(f"[stbp] preset {preset!r} ({why}); --preset NAME chooses another, e.g. gpu, cpu, tiny, cifar10",
-              flush=True)
+        print(
+            f"[stbp] preset {preset!r} ({why}); --preset NAME chooses another, e.g. gpu, cpu, tiny, cifar10", flush=True
+        )
     return preset
 
 

@@ -20,22 +20,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--sweep", help="the sweep file (YAML)")
     parser.add_argument("--schema", action="store_true", help="print the JSON Schema of a sweep file and exit")
+    parser.add_argument("--address", help="join this Ray cluster (default: start a local one on this machine)")
     parser.add_argument(
-        "--address", help="join this Ray cluster (default: start a local one on this machine)"
-    )
-    parser.add_argument(
-        "--resume", nargs="?", const=True, default=False, metavar="NAME",
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="NAME",
         help="continue the most recent sweep of the file's name, or the sweep NAME (e.g. smoke-2)",
     )
-    parser.add_argument(
-        "--storage", help="directory of the Ray experiment directories (default ./ray_results)"
-    )
-    parser.add_argument(
-        "--tracking_uri", "--tracking-uri", help="MLflow tracking URI (overrides the sweep file)"
-    )
+    parser.add_argument("--storage", help="directory of the Ray experiment directories (default ./ray_results)")
+    parser.add_argument("--tracking_uri", "--tracking-uri", help="MLflow tracking URI (overrides the sweep file)")
     parser.add_argument("--num_samples", "--num-samples", type=int, help="trials in all (overrides the file)")
     parser.add_argument(
-        "--metric", help="what to optimise (overrides the file's metric and mode): one metric, or several separated "
+        "--metric",
+        help="what to optimise (overrides the file's metric and mode): one metric, or several separated "
         "by commas for a multi-objective sweep, e.g. val_acc,sops_per_image (each with its natural mode; ASHA off)",
     )
     return parser.parse_known_args(argv)

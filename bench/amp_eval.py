@@ -54,8 +54,10 @@ def main() -> None:
     acc16 = 100.0 * (bf16 == labels).sum().item() / n
     agree = (fp32 == bf16).sum().item()
     print(f"{args.checkpoint}: {n} test images on {args.device}")
-    print(f"fp32 {acc32:.2f}% ({t32:.1f} s), bf16 autocast {acc16:.2f}% ({t16:.1f} s); "
-          f"predictions differ on {n - agree} images ({100.0 * (n - agree) / n:.2f}%)")  # fmt: skip
+    print(
+        f"fp32 {acc32:.2f}% ({t32:.1f} s), bf16 autocast {acc16:.2f}% ({t16:.1f} s); "
+        f"predictions differ on {n - agree} images ({100.0 * (n - agree) / n:.2f}%)"
+    )
 
 
 if __name__ == "__main__":

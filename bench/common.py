@@ -161,7 +161,7 @@ def alternate(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1)
             fns[name]()
     times: dict[str, dict[str, list]] = {name: {"wall": [], "cpu": []} for name in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             wall, cpu = time_call_cpu(fns[name])
             times[name]["wall"].append(wall)
@@ -236,9 +236,17 @@ def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> tuple[int
 
 # Backward autograd nodes by name fragment -> category (forward ops are categorised by the module they run in).
 # First match wins: stbp's SpikeConv2d is a convolution, not a neuron.
-_BACKWARD_KINDS = (("Convolution", "conv"), ("SpikeConv", "conv"), ("Addmm", "conv"), ("Mm", "conv"),
-                   ("BatchNorm", "batch-norm"), ("LIF", "neuron"), ("Spike", "neuron"), ("rect", "neuron"),
-                   ("Surrogate", "neuron"))
+_BACKWARD_KINDS = (
+    ("Convolution", "conv"),
+    ("SpikeConv", "conv"),
+    ("Addmm", "conv"),
+    ("Mm", "conv"),
+    ("BatchNorm", "batch-norm"),
+    ("LIF", "neuron"),
+    ("Spike", "neuron"),
+    ("rect", "neuron"),
+    ("Surrogate", "neuron"),
+)
 
 
 def step_breakdown(model: nn.Module, step: Callable[[], None], kind_of: Callable[[nn.Module], str | None]) -> dict:
@@ -283,8 +291,10 @@ def top_ops(step: Callable[[], None], n: int = 10) -> list[dict]:
     rows = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     rows.sort(key=lambda e: -e.self_cpu_time_total)
-    return [{"op": e.key, "calls": e.count, "ms": e.self_cpu_time_total / 1e3,
-             "%": 100 * e.self_cpu_time_total / total} for e in rows[:n]]
+    return [
+        {"op": e.key, "calls": e.count, "ms": e.self_cpu_time_total / 1e3, "%": 100 * e.self_cpu_time_total / total}
+        for e in rows[:n]
+    ]
 
 
 def _category(ev) -> str:
@@ -292,7 +302,7 @@ def _category(ev) -> str:
     while node is not None:
         name = node.name
         if name.startswith("bench::"):
-            return name[len("bench::"):]
+            return name[len("bench::") :]
         if name.startswith("autograd::engine::evaluate_function:"):
             for frag, kind in _BACKWARD_KINDS:
                 if frag in name:

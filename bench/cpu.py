@@ -32,8 +32,7 @@ import torch
 import torch.multiprocessing as mp
 
 # (width, T, batch, precision, repeats): full width T=2 is the target figure; width 0.25 spans T and bf16.
-DEFAULT_CONFIGS = ("1.0:2:16:fp32:5", "0.25:2:32:fp32:5", "0.25:4:32:fp32:4", "0.25:6:32:fp32:3",
-                   "0.25:2:32:bf16:3")
+DEFAULT_CONFIGS = ("1.0:2:16:fp32:5", "0.25:2:32:fp32:5", "0.25:4:32:fp32:4", "0.25:6:32:fp32:3", "0.25:2:32:bf16:3")
 QUICK_CONFIGS = ("0.125:2:8:fp32:2", "0.125:2:8:bf16:2")
 
 
@@ -50,8 +49,13 @@ class Config:
         parts = spec.split(":")
         if not 3 <= len(parts) <= 5:
             raise argparse.ArgumentTypeError(f"config {spec!r}: expected width:T:batch[:precision[:repeats]]")
-        return cls(float(parts[0]), int(parts[1]), int(parts[2]), *(parts[3:4] or ["fp32"]),
-                   *([int(parts[4])] if len(parts) > 4 else []))
+        return cls(
+            float(parts[0]),
+            int(parts[1]),
+            int(parts[2]),
+            *(parts[3:4] or ["fp32"]),
+            *([int(parts[4])] if len(parts) > 4 else []),
+        )
 
     def __str__(self) -> str:
         return f"w={self.width:g} T={self.timesteps} B={self.batch} {self.precision}"
@@ -62,8 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: a smoke run of every part")
     p.add_argument("--configs", nargs="+", type=Config.parse, help="width:T:batch[:precision[:repeats]] ...")
     p.add_argument("--models", default="ours,sj,ref", help="comma list of ours, sj, ref (default: all)")
-    p.add_argument("--profile", type=int, default=0, metavar="I",
-                   help="profile one step of every model in config I (index; -1: none)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="I",
+        help="profile one step of every model in config I (index; -1: none)",
+    )
     p.add_argument("--skip-check", action="store_true", help="skip the equivalence self-check")
     p.add_argument("--skip-train", action="store_true", help="skip the training-step comparison")
     p.add_argument("--skip-loader", action="store_true")
@@ -131,21 +140,35 @@ def bench_config(cfg: Config, names: list[str], tensors, profile: bool) -> dict:
     steps, nets = {}, {}
     for name in names:
         nets[name] = models.build(name, cfg.width, cfg.timesteps, cpu)
-        steps[name] = common.make_train_step(nets[name], models.prepare_input(name, x), y, cfg.precision,
-                                             before=models.before_step(name, nets[name]))
+        steps[name] = common.make_train_step(
+            nets[name], models.prepare_input(name, x), y, cfg.precision, before=models.before_step(name, nets[name])
+        )
     breakdown = {name: common.saved_tensor_breakdown(nets[name], steps[name]) for name in names}
     memory = {name: sum(b.values()) for name, b in breakdown.items()}
     load_before = common.uptime()
     times = common.alternate(steps, cfg.repeats, warmup=0)
-    result = {"config": str(cfg), "width": cfg.width, "timesteps": cfg.timesteps, "batch": cfg.batch,
-              "precision": cfg.precision, "repeats": cfg.repeats, "load_before": load_before,
-              "load_after": common.uptime(), "saved_breakdown": breakdown, "models": {}}
+    result = {
+        "config": str(cfg),
+        "width": cfg.width,
+        "timesteps": cfg.timesteps,
+        "batch": cfg.batch,
+        "precision": cfg.precision,
+        "repeats": cfg.repeats,
+        "load_before": load_before,
+        "load_after": common.uptime(),
+        "saved_breakdown": breakdown,
+        "models": {},
+    }
     ours = times["ours"]
     for name in names:
         wall, cpu_s = times[name]["wall"], times[name]["cpu"]
         result["models"][name] = {
-            "step_s": common.median(wall), "min_step_s": min(wall), "cpu_s": common.median(cpu_s),
-            "images_per_s": cfg.batch / common.median(wall), "times": times[name], "saved_bytes": memory[name],
+            "step_s": common.median(wall),
+            "min_step_s": min(wall),
+            "cpu_s": common.median(cpu_s),
+            "images_per_s": cfg.batch / common.median(wall),
+            "times": times[name],
+            "saved_bytes": memory[name],
             "speedup_of_ours": common.paired_ratio(wall, ours["wall"]),
             # Others' load only ever adds time: the best of N is the least disturbed estimate of each.
             "min_speedup_of_ours": min(wall) / min(ours["wall"]),
@@ -167,8 +190,9 @@ def profile_models(nets: dict, steps: dict, rounds: int) -> dict[str, dict[str, 
     out = {}
     for name, runs in samples.items():
         cats = {c for run in runs for c in run}
-        out[name] = dict(sorted(((c, common.median(run.get(c, 0.0) for run in runs)) for c in cats),
-                                key=lambda kv: -kv[1]))
+        out[name] = dict(
+            sorted(((c, common.median(run.get(c, 0.0) for run in runs)) for c in cats), key=lambda kv: -kv[1])
+        )
     return out
 
 
@@ -176,14 +200,19 @@ def step_rows(results: list[dict]) -> list[dict]:
     rows = []
     for r in results:
         for name, m in r["models"].items():
-            rows.append({
-                "config": r["config"], "model": models.LABELS[name], "median ms": 1e3 * m["step_s"],
-                "min ms": 1e3 * m["min_step_s"], "img/s": m["images_per_s"],
-                "ours faster (median)": "-" if name == "ours" else f"{m['speedup_of_ours']:.2f}x",
-                "ours faster (min)": "-" if name == "ours" else f"{m['min_speedup_of_ours']:.2f}x",
-                "saved MiB": m["saved_bytes"] / 2**20,
-                "ours / its memory": "-" if name == "ours" else f"{1 / m['memory_vs_ours']:.2f}",
-            })
+            rows.append(
+                {
+                    "config": r["config"],
+                    "model": models.LABELS[name],
+                    "median ms": 1e3 * m["step_s"],
+                    "min ms": 1e3 * m["min_step_s"],
+                    "img/s": m["images_per_s"],
+                    "ours faster (median)": "-" if name == "ours" else f"{m['speedup_of_ours']:.2f}x",
+                    "ours faster (min)": "-" if name == "ours" else f"{m['min_speedup_of_ours']:.2f}x",
+                    "saved MiB": m["saved_bytes"] / 2**20,
+                    "ours / its memory": "-" if name == "ours" else f"{1 / m['memory_vs_ours']:.2f}",
+                }
+            )
     return rows
 
 
@@ -233,8 +262,13 @@ def bench_loader(tensors, batch: int, repeats: int, batches_per_call: int = 20) 
     model_ips = batch / common.median(model_t)
     # images/s ratio = (model seconds per image) / (loader seconds per image), paired round by round
     ratio = common.paired_ratio([t / batch for t in model_t], [t / (batch * batches_per_call) for t in loader_t])
-    return {"batch": batch, "loader_images_per_s": loader_ips, "model_images_per_s": model_ips,
-            "loader_over_model": ratio, "load": common.uptime()}
+    return {
+        "batch": batch,
+        "loader_images_per_s": loader_ips,
+        "model_images_per_s": model_ips,
+        "loader_over_model": ratio,
+        "load": common.uptime(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,9 +327,16 @@ def bench_ddp(global_batch: int, steps: int, rounds: int) -> dict:
         else:
             os.environ["OMP_NUM_THREADS"] = saved
     med = {w: common.median(t) for w, t in per_run.items()}
-    return {"global_batch": global_batch, "steps_per_run": steps, "rounds": rounds, "run_step_s": per_run,
-            "step_s": med, "images_per_s": {w: global_batch / t for w, t in med.items()},
-            "speedup_2_over_1": common.paired_ratio(per_run[1], per_run[2]), "load": common.uptime()}
+    return {
+        "global_batch": global_batch,
+        "steps_per_run": steps,
+        "rounds": rounds,
+        "run_step_s": per_run,
+        "step_s": med,
+        "images_per_s": {w: global_batch / t for w, t in med.items()},
+        "speedup_2_over_1": common.paired_ratio(per_run[1], per_run[2]),
+        "load": common.uptime(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,8 +356,10 @@ def main(argv=None) -> int:
         check = models.check_equivalence(args.models)
         report["equivalence"] = check
         for name, c in check.items():
-            log(f"self-check {models.LABELS[name]} == ours: {c['spikes_compared']:,} spikes identical, "
-                f"logits max diff {c['logit_err']:.1e}, gradients max rel diff {c['grad_err']:.1e} (float64)")
+            log(
+                f"self-check {models.LABELS[name]} == ours: {c['spikes_compared']:,} spikes identical, "
+                f"logits max diff {c['logit_err']:.1e}, gradients max rel diff {c['grad_err']:.1e} (float64)"
+            )
 
     tensors, source = mnist_tensors()
     log(f"inputs: {source}")
@@ -346,37 +389,62 @@ def print_report(report: dict) -> None:
     print(f"\n## CPU benchmarks ({info['date']}): {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
     print(f"code: {info['code']}; torch threads: {info['torch_threads']}")
     print(f"load at start: {info['uptime']}\nload at end:   {report['load_end']}\n")
-    cols = ["config", "model", "median ms", "min ms", "img/s", "ours faster (median)", "ours faster (min)",
-            "saved MiB", "ours / its memory"]
+    cols = [
+        "config",
+        "model",
+        "median ms",
+        "min ms",
+        "img/s",
+        "ours faster (median)",
+        "ours faster (min)",
+        "saved MiB",
+        "ours / its memory",
+    ]
     if report["train_step"]:
         print(common.table(step_rows(report["train_step"]), cols))
     if report["train_step"]:
         r = report["train_step"][0]
         print(f"\nSaved-tensor MiB by kind ({r['config']}; '0/1': floating tensors holding only spikes):\n")
         kinds = sorted({k for b in r["saved_breakdown"].values() for k in b})
-        print(common.table([{"model": models.LABELS[n], **{k: b.get(k, 0) / 2**20 for k in kinds}}
-                            for n, b in r["saved_breakdown"].items()], ["model", *kinds]))
+        print(
+            common.table(
+                [
+                    {"model": models.LABELS[n], **{k: b.get(k, 0) / 2**20 for k in kinds}}
+                    for n, b in r["saved_breakdown"].items()
+                ],
+                ["model", *kinds],
+            )
+        )
     for r in report["train_step"]:
         if "profile_ms" in r:
             names = list(r["profile_ms"])
-            print(f"\nSelf CPU time of one training step by category ({r['config']}; torch.profiler, median of 3 "
-                  "steps per model; the totals are the sums of the medians):\n")
-            print(common.table(profile_rows(r["profile_ms"]),
-                               ["category"] + [f"{n} {u}" for n in names for u in ("ms", "%")]))
+            print(
+                f"\nSelf CPU time of one training step by category ({r['config']}; torch.profiler, median of 3 "
+                "steps per model; the totals are the sums of the medians):\n"
+            )
+            print(
+                common.table(
+                    profile_rows(r["profile_ms"]), ["category"] + [f"{n} {u}" for n in names for u in ("ms", "%")]
+                )
+            )
             print(f"\nTop ops of ours by self CPU time (one more profiled step, {r['config']}):\n")
             print(common.table(r["ours_top_ops"], ["op", "calls", "ms", "%"]))
     if "loader" in report:
         ld = report["loader"]
-        print(f"\nLoader (DeviceMNIST.train_batches, crop padding 4 + hflip, batch {ld['batch']}): "
-              f"{ld['loader_images_per_s']:,.0f} img/s; ours at the cpu preset (width 0.125, T=2): "
-              f"{ld['model_images_per_s']:,.1f} img/s; loader / model = {ld['loader_over_model']:,.0f}x")
+        print(
+            f"\nLoader (DeviceMNIST.train_batches, crop padding 4 + hflip, batch {ld['batch']}): "
+            f"{ld['loader_images_per_s']:,.0f} img/s; ours at the cpu preset (width 0.125, T=2): "
+            f"{ld['model_images_per_s']:,.1f} img/s; loader / model = {ld['loader_over_model']:,.0f}x"
+        )
     if "ddp" in report:
         dd = report["ddp"]
-        print(f"\nDDP (gloo, width 0.125, T=2, global batch {dd['global_batch']}): 1 process x 2 threads "
-              f"{dd['images_per_s'][1]:.1f} img/s, 2 processes x 1 thread {dd['images_per_s'][2]:.1f} img/s, "
-              f"speed-up {dd['speedup_2_over_1']:.2f}x (median over {dd['rounds']} rounds; median step s per run: "
-              + "; ".join(f"{w} proc " + ", ".join(f"{t:.2f}" for t in ts) for w, ts in dd["run_step_s"].items())
-              + ")")
+        print(
+            f"\nDDP (gloo, width 0.125, T=2, global batch {dd['global_batch']}): 1 process x 2 threads "
+            f"{dd['images_per_s'][1]:.1f} img/s, 2 processes x 1 thread {dd['images_per_s'][2]:.1f} img/s, "
+            f"speed-up {dd['speedup_2_over_1']:.2f}x (median over {dd['rounds']} rounds; median step s per run: "
+            + "; ".join(f"{w} proc " + ", ".join(f"{t:.2f}" for t in ts) for w, ts in dd["run_step_s"].items())
+            + ")"
+        )
     sys.stdout.flush()
 
 

@@ -95,8 +95,9 @@ def run_one(name: str, batch: int, compiled: bool, args, device: torch.device, f
     x, y = synthetic_batch(batch, device)
     fwd = torch.compile(net) if compiled else net
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)  # stbp.train's optimizer, default (foreach) kernels
-    step = common.make_train_step(fwd, models.prepare_input(name, x), y, "bf16",
-                                  before=models.before_step(name, net), optimizer=opt)
+    step = common.make_train_step(
+        fwd, models.prepare_input(name, x), y, "bf16", before=models.before_step(name, net), optimizer=opt
+    )
     return {"model": name, "batch": batch, "compiled": compiled, **timed(step, net, batch, args, device, flops)}
 
 
@@ -111,8 +112,13 @@ def run_cifar(timesteps: int, precision: str, batch: int, args, device: torch.de
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     step = common.make_train_step(net, x, y, precision)
     flops = models.train_flops_per_image(args.width, timesteps, in_channels=3, size=32)
-    out = {"model": "ours (CIFAR-10)", "batch": batch, "timesteps": timesteps, "precision": precision,
-           **timed(step, net, batch, args, device, flops)}
+    out = {
+        "model": "ours (CIFAR-10)",
+        "batch": batch,
+        "timesteps": timesteps,
+        "precision": precision,
+        **timed(step, net, batch, args, device, flops),
+    }
     out["epoch_s"] = CIFAR_EPOCH_IMAGES / out["images_per_s"]
     return out
 
@@ -134,11 +140,17 @@ def timed(step, net, batch: int, args, device: torch.device, flops: float) -> di
     times = [common.time_call(chunk) / args.steps for _ in range(args.chunks)]
     t = common.median(times)
     ips = batch / t
-    return {"step_ms": 1e3 * t, "images_per_s": ips,
-            "mfu": flops * ips / (args.peak_tflops * 1e12), "epoch_s": EPOCH_IMAGES / ips,
-            "peak_memory_gib": peak / 2**30, "step_memory_gib": growth / 2**30,
-            "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "saved tensors",
-            "first_step_s": first, "chunk_step_ms": [1e3 * s for s in times]}
+    return {
+        "step_ms": 1e3 * t,
+        "images_per_s": ips,
+        "mfu": flops * ips / (args.peak_tflops * 1e12),
+        "epoch_s": EPOCH_IMAGES / ips,
+        "peak_memory_gib": peak / 2**30,
+        "step_memory_gib": growth / 2**30,
+        "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "saved tensors",
+        "first_step_s": first,
+        "chunk_step_ms": [1e3 * s for s in times],
+    }
 
 
 def bench_loader(device: torch.device, batch: int, n_batches: int) -> dict:
@@ -174,23 +186,63 @@ def print_table(report: dict) -> None:
         if "images_per_s" not in r:
             rows.append({"model": label, "batch": r["batch"], "img/s": r.get("error") or r.get("skipped")})
             continue
-        rows.append({"model": label, "batch": r["batch"], "img/s": r["images_per_s"], "step ms": r["step_ms"],
-                     "MFU %": 100 * r["mfu"], "s/epoch": r["epoch_s"], "peak GiB": r["peak_memory_gib"],
-                     "step GiB": r["step_memory_gib"], "first step s": r["first_step_s"],
-                     "ours faster": f"{r['ours_speedup']:.2f}x" if "ours_speedup" in r else "-"})
-    print(common.table(rows, ["model", "batch", "img/s", "step ms", "MFU %", "s/epoch", "peak GiB", "step GiB",
-                              "first step s", "ours faster"]))
+        rows.append(
+            {
+                "model": label,
+                "batch": r["batch"],
+                "img/s": r["images_per_s"],
+                "step ms": r["step_ms"],
+                "MFU %": 100 * r["mfu"],
+                "s/epoch": r["epoch_s"],
+                "peak GiB": r["peak_memory_gib"],
+                "step GiB": r["step_memory_gib"],
+                "first step s": r["first_step_s"],
+                "ours faster": f"{r['ours_speedup']:.2f}x" if "ours_speedup" in r else "-",
+            }
+        )
+    print(
+        common.table(
+            rows,
+            [
+                "model",
+                "batch",
+                "img/s",
+                "step ms",
+                "MFU %",
+                "s/epoch",
+                "peak GiB",
+                "step GiB",
+                "first step s",
+                "ours faster",
+            ],
+        )
+    )
     cifar = [r for r in report.get("cifar10", []) if "images_per_s" in r]
     if cifar:
         print("\nCIFAR-10 preset (3x32x32, 45,000 images an epoch):")
-        print(common.table([{"T": r["timesteps"], "precision": r["precision"], "batch": r["batch"],
-                             "img/s": r["images_per_s"], "s/epoch": r["epoch_s"], "MFU %": 100 * r["mfu"],
-                             "peak GiB": r["peak_memory_gib"]} for r in cifar],
-                           ["T", "precision", "batch", "img/s", "s/epoch", "MFU %", "peak GiB"]))
+        print(
+            common.table(
+                [
+                    {
+                        "T": r["timesteps"],
+                        "precision": r["precision"],
+                        "batch": r["batch"],
+                        "img/s": r["images_per_s"],
+                        "s/epoch": r["epoch_s"],
+                        "MFU %": 100 * r["mfu"],
+                        "peak GiB": r["peak_memory_gib"],
+                    }
+                    for r in cifar
+                ],
+                ["T", "precision", "batch", "img/s", "s/epoch", "MFU %", "peak GiB"],
+            )
+        )
     if "loader" in report:
         ld = report["loader"]
-        print(f"\nloader on {report['device']}: {ld['images_per_s']:,.0f} img/s (batch {ld['batch']})"
-              + (f", {ld['over_best_model']:.1f}x the fastest model" if "over_best_model" in ld else ""))
+        print(
+            f"\nloader on {report['device']}: {ld['images_per_s']:,.0f} img/s (batch {ld['batch']})"
+            + (f", {ld['over_best_model']:.1f}x the fastest model" if "over_best_model" in ld else "")
+        )
 
 
 def main(argv=None) -> int:
@@ -201,12 +253,19 @@ def main(argv=None) -> int:
         log("no CUDA device: running anyway on CPU (use --smoke for a quick check)")
     torch.backends.cudnn.benchmark = True
     flops = models.train_flops_per_image(args.width, args.timesteps)
-    report = {"machine": common.machine_info(device), "device": str(device), "args": vars(args),
-              "train_gflops_per_image": flops / 1e9, "runs": []}
+    report = {
+        "machine": common.machine_info(device),
+        "device": str(device),
+        "args": vars(args),
+        "train_gflops_per_image": flops / 1e9,
+        "runs": [],
+    }
     if device.type == "cuda":
         report["machine"]["cuda"] = torch.version.cuda
-    log(f"{report['machine'].get('gpu', 'CPU')}: width {args.width}, T={args.timesteps}, "
-        f"{flops / 1e9:.2f} training GFLOP/image; results -> {args.out}")
+    log(
+        f"{report['machine'].get('gpu', 'CPU')}: width {args.width}, T={args.timesteps}, "
+        f"{flops / 1e9:.2f} training GFLOP/image; results -> {args.out}"
+    )
 
     for name, batch, compiled in plan(args):
         entry = {"model": name, "batch": batch, "compiled": compiled}
@@ -227,8 +286,9 @@ def main(argv=None) -> int:
             entry["skipped"] = "time budget"
         else:
             log(f"CIFAR-10 preset, T={timesteps}, {precision}")
-            entry = attempt(entry, functools.partial(run_cifar, timesteps, precision, args.batches[0], args, device),
-                            device)
+            entry = attempt(
+                entry, functools.partial(run_cifar, timesteps, precision, args.batches[0], args, device), device
+            )
         report["cifar10"].append(entry)
         write(report, args.out)
 
@@ -254,8 +314,10 @@ def attempt(entry: dict, run, device: torch.device) -> dict:
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    log(f"  {out['images_per_s']:,.0f} img/s, MFU {100 * out['mfu']:.1f}%, {out['epoch_s']:.1f} s/epoch, "
-        f"{out['peak_memory_gib']:.2f} GiB")
+    log(
+        f"  {out['images_per_s']:,.0f} img/s, MFU {100 * out['mfu']:.1f}%, {out['epoch_s']:.1f} s/epoch, "
+        f"{out['peak_memory_gib']:.2f} GiB"
+    )
     return out
 
 

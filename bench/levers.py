@@ -23,8 +23,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 #: The cpu preset before the levers below: 3 epochs, batch 128, Adam 3e-3, cosine, no warm-up, plain cross-entropy,
 #: no EMA. Each lever is measured alone on top of it; "cpu" is the preset as shipped.
-BEFORE = ["--epochs", "3", "--batch_size", "128", "--lr", "3e-3", "--schedule", "cosine", "--warmup_epochs", "0",
-          "--label_smoothing", "0", "--ema_decay", "0", "--loss", "ce", "--width", "0.125"]
+BEFORE = [
+    "--epochs",
+    "3",
+    "--batch_size",
+    "128",
+    "--lr",
+    "3e-3",
+    "--schedule",
+    "cosine",
+    "--warmup_epochs",
+    "0",
+    "--label_smoothing",
+    "0",
+    "--ema_decay",
+    "0",
+    "--loss",
+    "ce",
+    "--width",
+    "0.125",
+]
 VARIANTS: dict[str, list[str]] = {
     "cpu": [],
     "before": BEFORE,
@@ -48,20 +66,45 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def run(name: str, extra: list[str], seed: int, out: Path) -> dict:
     run_dir = out / f"{name}-s{seed}"
-    cmd = [sys.executable, "train_ddp.py", "--preset", "cpu", *VARIANTS[name], *extra, "--seed", str(seed),
-           "--output_dir", str(run_dir), "--resume", "never", "--mlflow", "false"]
+    cmd = [
+        sys.executable,
+        "train_ddp.py",
+        "--preset",
+        "cpu",
+        *VARIANTS[name],
+        *extra,
+        "--seed",
+        str(seed),
+        "--output_dir",
+        str(run_dir),
+        "--resume",
+        "never",
+        "--mlflow",
+        "false",
+    ]
     t0 = time.perf_counter()
     log = (out / f"{name}-s{seed}.log").open("w")
     rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
     wall = time.perf_counter() - t0
-    row = {"variant": name, "seed": seed, "rc": rc, "wall_s": round(wall, 1),
-           "command": " ".join(["python", *cmd[1:]]), "load": os.getloadavg()[0]}
+    row = {
+        "variant": name,
+        "seed": seed,
+        "rc": rc,
+        "wall_s": round(wall, 1),
+        "command": " ".join(["python", *cmd[1:]]),
+        "load": os.getloadavg()[0],
+    }
     if rc == 0:
         s = json.loads((run_dir / "summary.json").read_text())
         history = _metrics(run_dir)
-        row.update(test_acc=s["test_acc"], best_val_acc=s["best_val_acc"], best_epoch=s["best_epoch"],
-                   images_per_s=round(s["images_per_s"], 1), val_accs=[m["val_acc"] for m in history],
-                   val_time_s=round(sum(m["val_time_s"] for m in history), 1))
+        row.update(
+            test_acc=s["test_acc"],
+            best_val_acc=s["best_val_acc"],
+            best_epoch=s["best_epoch"],
+            images_per_s=round(s["images_per_s"], 1),
+            val_accs=[m["val_acc"] for m in history],
+            val_time_s=round(sum(m["val_time_s"] for m in history), 1),
+        )
     with (out / "levers.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
     return row
@@ -82,9 +125,11 @@ def main() -> None:
             r = run(name, extra, seed, args.out)
             acc = f"{r['test_acc']:.2f}%" if "test_acc" in r else f"failed (rc {r['rc']})"
             val = f"{r.get('best_val_acc', float('nan')):.2f}%"
-            print(f"| {name} | {seed} | {acc} | {val} | {r['wall_s'] / 60:.1f} min | {r.get('images_per_s', '-')} | "
-                  f"{r.get('val_time_s', '-')} s |",
-                  flush=True)
+            print(
+                f"| {name} | {seed} | {acc} | {val} | {r['wall_s'] / 60:.1f} min | {r.get('images_per_s', '-')} | "
+                f"{r.get('val_time_s', '-')} s |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

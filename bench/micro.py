@@ -55,8 +55,10 @@ def step(batch: int, width: float, channels_last: bool, compile: bool = False) -
     one()
     first = time.perf_counter() - first
     s = median_s(one, 6, warmup=1)
-    print(f"step: width {width} batch {batch} {'channels_last' if channels_last else 'contiguous'}"
-          f"{' compiled' if compile else ''}: {s * 1e3:.0f} ms, {batch / s:.0f} img/s (first step {first:.1f} s)")
+    print(
+        f"step: width {width} batch {batch} {'channels_last' if channels_last else 'contiguous'}"
+        f"{' compiled' if compile else ''}: {s * 1e3:.0f} ms, {batch / s:.0f} img/s (first step {first:.1f} s)"
+    )
 
 
 @torch.no_grad()
@@ -82,9 +84,11 @@ def levers(width: float, batch: int) -> None:
     amp = amp_dtype(build_config(preset="cpu"), torch.device("cpu"))
     x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-    variants = {"plain": lambda: train_step(model, opt, x, y, amp),
-                "smoothing": lambda: train_step(model, opt, x, y, amp, label_smoothing=0.1),
-                "ema": lambda: (train_step(model, opt, x, y, amp), ema.update())}
+    variants = {
+        "plain": lambda: train_step(model, opt, x, y, amp),
+        "smoothing": lambda: train_step(model, opt, x, y, amp, label_smoothing=0.1),
+        "ema": lambda: (train_step(model, opt, x, y, amp), ema.update()),
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():
         fn()
@@ -95,8 +99,10 @@ def levers(width: float, batch: int) -> None:
                 fn()
             times[name].append((time.perf_counter() - t) / 3)
     med = {k: sorted(v)[3] for k, v in times.items()}
-    print(f"train step, width {width}, batch {batch}, {amp or 'fp32'}: " + ", ".join(
-        f"{k} {v * 1e3:.0f} ms ({batch / v:.0f} img/s, {v / med['plain']:.2f}x)" for k, v in med.items()))
+    print(
+        f"train step, width {width}, batch {batch}, {amp or 'fp32'}: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms ({batch / v:.0f} img/s, {v / med['plain']:.2f}x)" for k, v in med.items())
+    )
 
 
 def cost(width: float, batch: int) -> None:
@@ -117,8 +123,10 @@ def cost(width: float, batch: int) -> None:
             run_eval(model, batches(), "val", firing_rates=flag)
             times[flag].append(time.perf_counter() - t)
     plain, counted = (sorted(times[f])[2] for f in (False, True))
-    print(f"evaluate 1,024 images, width {width}, batch {batch}: plain {plain * 1e3:.0f} ms, with firing rates and "
-          f"spike cost {counted * 1e3:.0f} ms ({counted / plain:.2f}x)")
+    print(
+        f"evaluate 1,024 images, width {width}, batch {batch}: plain {plain * 1e3:.0f} ms, with firing rates and "
+        f"spike cost {counted * 1e3:.0f} ms ({counted / plain:.2f}x)"
+    )
 
 
 def lif() -> None:
@@ -157,9 +165,10 @@ def _conv_kernels(x, w, g, stride: int) -> dict:
         xx, ww, gg = (t.contiguous(memory_format=fmt) for t in (x, w, g))
         kernels[name] = (
             functools.partial(aten.convolution, xx, ww, None, st, pad, one, False, zero, 1),
-            functools.partial(aten.convolution_backward, gg, xx, ww, None, st, pad, one, False, zero, 1,
-                              [True, True, False]),
-        )  # fmt: skip
+            functools.partial(
+                aten.convolution_backward, gg, xx, ww, None, st, pad, one, False, zero, 1, [True, True, False]
+            ),
+        )
     kernels["im2col + BLAS"] = (
         functools.partial(aten._slow_conv2d_forward, x, w, [3, 3], None, st, pad),
         functools.partial(aten._slow_conv2d_backward, g, x, w, [3, 3], st, pad, [True, True, False]),
@@ -173,8 +182,10 @@ def conv() -> None:
     (``_slow_conv2d``). The inputs are 0/1 spikes at a 15% rate."""
     torch.manual_seed(0)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    print(f"conv: for scale, a 2048^3 fp32 matmul (MKL) runs at {2 * 2048**3 / median_s(lambda: a @ b, 5) / 1e9:.0f} "
-          "GFLOP/s")  # fmt: skip
+    print(
+        f"conv: for scale, a 2048^3 fp32 matmul (MKL) runs at {2 * 2048**3 / median_s(lambda: a @ b, 5) / 1e9:.0f} "
+        "GFLOP/s"
+    )
     n = 32
     for cin, cout, hw, stride in ((128, 128, 28, 1), (128, 256, 28, 2), (256, 256, 14, 1), (512, 512, 7, 1)):
         out_hw = (hw - 1) // stride + 1
@@ -184,8 +195,10 @@ def conv() -> None:
         gflop = 2 * n * cout * cin * 9 * out_hw * out_hw / 1e9  # forward; the backward does twice this
         for name, (fwd, bwd) in _conv_kernels(x, w, g, stride).items():
             f, b = median_s(fwd, 5, warmup=1), median_s(bwd, 5, warmup=1)
-            print(f"conv: {cin}->{cout} {hw}x{hw} stride {stride} N={n} {name}: forward {f * 1e3:.1f} ms "
-                  f"({gflop / f:.0f} GFLOP/s), backward {b * 1e3:.1f} ms ({2 * gflop / b:.0f} GFLOP/s)")  # fmt: skip
+            print(
+                f"conv: {cin}->{cout} {hw}x{hw} stride {stride} N={n} {name}: forward {f * 1e3:.1f} ms "
+                f"({gflop / f:.0f} GFLOP/s), backward {b * 1e3:.1f} ms ({2 * gflop / b:.0f} GFLOP/s)"
+            )
 
 
 def main() -> None:

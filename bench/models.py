@@ -22,8 +22,17 @@ NAMES = ("ours", "sj", "ref")
 LABELS = {"ours": "stbp (ours)", "sj": "SpikingJelly 2.0", "ref": "reference structure"}
 
 
-def build(name: str, width: float, timesteps: int, device: torch.device, seed: int = 0,
-          dtype: torch.dtype = torch.float32, v_th: float = 0.4, aa: float = 0.5, tau: float = 0.25) -> nn.Module:
+def build(
+    name: str,
+    width: float,
+    timesteps: int,
+    device: torch.device,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    v_th: float = 0.4,
+    aa: float = 0.5,
+    tau: float = 0.25,
+) -> nn.Module:
     """A fresh model ``name`` on ``device`` (same seed, same initial weights for all three)."""
     torch.manual_seed(seed)
     kw = dict(timesteps=timesteps, v_th=v_th, aa=aa, tau=tau, width=width)
@@ -73,8 +82,9 @@ def _spike_outputs(model: nn.Module) -> tuple[list[torch.Tensor], list]:
     return outs, handles
 
 
-def check_equivalence(names: list[str], width: float = 0.125, timesteps: int = 3, batch: int = 4,
-                      seed: int = 0) -> dict:
+def check_equivalence(
+    names: list[str], width: float = 0.125, timesteps: int = 3, batch: int = 4, seed: int = 0
+) -> dict:
     """Same weights, same input (float64, train mode) -> same spikes in every layer, same logits, same gradients.
 
     Returns ``{name: {"spike_mismatch": fraction, "logit_err": max abs, "grad_err": max rel}}`` against ``ours``
@@ -115,8 +125,7 @@ def _compare(name: str, base, other) -> dict:
     mismatched = sum(int((a != b.reshape(a.shape)).sum()) for a, b in zip(outs0, outs1))
     logit_err = float((logits0 - logits1).abs().max())
     grad_err = max(float((grads0[k] - grads1[k]).norm() / grads0[k].norm().clamp_min(1e-30)) for k in grads0)
-    res = {"spike_mismatch": mismatched / total, "logit_err": logit_err, "grad_err": grad_err,
-           "spikes_compared": total}
+    res = {"spike_mismatch": mismatched / total, "logit_err": logit_err, "grad_err": grad_err, "spikes_compared": total}
     assert mismatched == 0, f"{name}: {mismatched} of {total} spikes differ from ours"
     assert logit_err < 1e-10 and grad_err < 1e-10, f"{name}: differs from ours: {res}"
     return res

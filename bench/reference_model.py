@@ -109,8 +109,9 @@ class BasicBlock(nn.Module):
         self.bn2 = TdBatchNorm(cout, v_th, RESIDUAL_ALPHA)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                          TdBatchNorm(cout, v_th, RESIDUAL_ALPHA))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), TdBatchNorm(cout, v_th, RESIDUAL_ALPHA)
+            )
         self.lif2 = LIFSpike(**neuron)
 
     def forward(self, x: Tensor) -> Tensor:  # [N, C, H, W, T]
@@ -126,8 +127,17 @@ class BasicBlock(nn.Module):
 class ReferenceResNet19(nn.Module):
     """ResNet-19 as :func:`stbp.resnet19` (same layers, same names), run time-last with per-layer time loops."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, timesteps: int = 2, v_th: float = 0.4,
-                 aa: float = 0.5, tau: float = 0.25, width: float = 1.0, hidden: int = 256):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        timesteps: int = 2,
+        v_th: float = 0.4,
+        aa: float = 0.5,
+        tau: float = 0.25,
+        width: float = 1.0,
+        hidden: int = 256,
+    ):
         super().__init__()
         ch = lambda c: max(1, round(c * width))
         neuron = dict(v_th=v_th, aa=aa, tau=tau)

@@ -58,8 +58,17 @@ class SJResNet19(nn.Module):
     not named ``reset`` because reset_net calls every submodule's ``reset`` (this one included).
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, timesteps: int = 2, v_th: float = 0.4,
-                 aa: float = 0.5, tau: float = 0.25, width: float = 1.0, hidden: int = 256):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        timesteps: int = 2,
+        v_th: float = 0.4,
+        aa: float = 0.5,
+        tau: float = 0.25,
+        width: float = 1.0,
+        hidden: int = 256,
+    ):
         super().__init__()
         functional, layer, neuron, surrogate = import_spikingjelly()
         self._functional = functional
@@ -67,8 +76,14 @@ class SJResNet19(nn.Module):
         sj_tau = 1.0 / (1.0 - tau)  # decay_input=False: H = (1 - 1/tau_sj) V + X = tau V + X
 
         def lif():
-            return neuron.LIFNode(tau=sj_tau, decay_input=False, v_threshold=v_th, v_reset=0.0,
-                                  surrogate_function=surrogate.Rect(alpha=1.0 / (2 * aa)), step_mode="m")
+            return neuron.LIFNode(
+                tau=sj_tau,
+                decay_input=False,
+                v_threshold=v_th,
+                v_reset=0.0,
+                surrogate_function=surrogate.Rect(alpha=1.0 / (2 * aa)),
+                step_mode="m",
+            )
 
         def bn(c, alpha=1.0):
             return layer.ThresholdDependentBatchNorm2d(alpha=alpha, v_th=v_th, num_features=c)
@@ -89,8 +104,17 @@ class SJResNet19(nn.Module):
                 shortcut = None
                 if s != 1 or cin != cout:
                     shortcut = nn.Sequential(conv(cin, cout, 1, s), bn(cout, RESIDUAL_ALPHA))
-                layers.append(_Block(conv(cin, cout, 3, s), bn(cout), lif(), conv(cout, cout, 3),
-                                     bn(cout, RESIDUAL_ALPHA), shortcut, lif()))
+                layers.append(
+                    _Block(
+                        conv(cin, cout, 3, s),
+                        bn(cout),
+                        lif(),
+                        conv(cout, cout, 3),
+                        bn(cout, RESIDUAL_ALPHA),
+                        shortcut,
+                        lif(),
+                    )
+                )
                 cin = cout
             self.stages.append(nn.Sequential(*layers))
         self.pool = layer.AdaptiveAvgPool2d(1, step_mode="m")

@@ -69,19 +69,40 @@ def run(cmd: list[str], cwd: Path, log: Path) -> float:
 
 
 def tune_sweep(work: Path, trials: int, concurrency: int, workers: int = 1) -> float:
-    sweep = {"name": "overhead", "train": TRIAL, "space": SPACE, "scheduler": "none",
-             "search": {"num_samples": trials, "max_concurrent": concurrency, "seed": 0},
-             "resources": {"cpus": 1, "gpus": 0, "workers": workers}, "mlflow": {"experiment": "overhead-tune"},
-             "checkpoints": {"num_to_keep": 1}}  # fmt: skip
+    sweep = {
+        "name": "overhead",
+        "train": TRIAL,
+        "space": SPACE,
+        "scheduler": "none",
+        "search": {"num_samples": trials, "max_concurrent": concurrency, "seed": 0},
+        "resources": {"cpus": 1, "gpus": 0, "workers": workers},
+        "mlflow": {"experiment": "overhead-tune"},
+        "checkpoints": {"num_to_keep": 1},
+    }
     path = work / "overhead.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    return run([sys.executable, str(ROOT / "tune.py"), "--sweep", str(path), "--tracking_uri",
-                f"sqlite:///{work / 'mlflow.db'}", "--storage", str(work / "ray")], work, work / "tune.log")
+    return run(
+        [
+            sys.executable,
+            str(ROOT / "tune.py"),
+            "--sweep",
+            str(path),
+            "--tracking_uri",
+            f"sqlite:///{work / 'mlflow.db'}",
+            "--storage",
+            str(work / "ray"),
+        ],
+        work,
+        work / "tune.log",
+    )
 
 
 def optuna_loop(work: Path, trials: int) -> float:
-    return run([sys.executable, "-c", OPTUNA_LOOP, f"sqlite:///{work / 'mlflow.db'}", str(trials), str(work / "runs")],
-               work, work / "optuna.log")  # fmt: skip
+    return run(
+        [sys.executable, "-c", OPTUNA_LOOP, f"sqlite:///{work / 'mlflow.db'}", str(trials), str(work / "runs")],
+        work,
+        work / "optuna.log",
+    )
 
 
 def smoke_share(work: Path) -> dict:
@@ -89,16 +110,33 @@ def smoke_share(work: Path) -> dict:
     from mlflow.tracking import MlflowClient
 
     db = f"sqlite:///{work / 'mlflow.db'}"
-    wall = run([sys.executable, str(ROOT / "tune.py"), "--sweep", str(ROOT / "sweeps" / "smoke.yaml"),
-                "--tracking_uri", db, "--storage", str(work / "ray")], work, work / "smoke.log")  # fmt: skip
+    wall = run(
+        [
+            sys.executable,
+            str(ROOT / "tune.py"),
+            "--sweep",
+            str(ROOT / "sweeps" / "smoke.yaml"),
+            "--tracking_uri",
+            db,
+            "--storage",
+            str(work / "ray"),
+        ],
+        work,
+        work / "smoke.log",
+    )
     sweep = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     client = MlflowClient(db)
     exp = client.get_experiment_by_name(sweep["mlflow"]["experiment"])
     runs = client.search_runs([exp.experiment_id], filter_string="tags.ray_trial_id != ''")
     training = sum(m.value for r in runs for m in client.get_metric_history(r.info.run_id, "epoch_time_s"))
     slots = sweep["search"]["max_concurrent"]
-    return {"wall_s": wall, "trials": len(runs), "training_s": training, "slots": slots,
-            "training_share": training / (wall * slots)}
+    return {
+        "wall_s": wall,
+        "trials": len(runs),
+        "training_s": training,
+        "slots": slots,
+        "training_share": training / (wall * slots),
+    }
 
 
 def main(argv=None) -> int:
@@ -116,8 +154,10 @@ def main(argv=None) -> int:
             d.mkdir()
         if args.workers > 1:  # Optuna's own loop has no DDP trials to set beside these
             wall = tune_sweep(tune_dir, args.trials, args.concurrency, args.workers)
-            print(f"tune.py, {args.workers}-rank DDP trials: {args.trials} in {wall:.1f} s, {wall / args.trials:.2f} s "
-                  "per trial")
+            print(
+                f"tune.py, {args.workers}-rank DDP trials: {args.trials} in {wall:.1f} s, {wall / args.trials:.2f} s "
+                "per trial"
+            )
             return 0
         result["optuna_s"] = optuna_loop(optuna_dir, args.trials)
         result["tune_s"] = tune_sweep(tune_dir, args.trials, args.concurrency)
@@ -132,8 +172,10 @@ def main(argv=None) -> int:
     print(f"\ntune.py / in-process Optuna: {result['ratio']:.2f}x the wall time per trial")
     if "smoke" in result:
         s = result["smoke"]
-        print(f"smoke sweep: {s['trials']} trials in {s['wall_s']:.1f} s; training {s['training_s']:.1f} s of "
-              f"{s['slots']} x {s['wall_s']:.1f} slot-seconds = {100 * s['training_share']:.0f}%")
+        print(
+            f"smoke sweep: {s['trials']} trials in {s['wall_s']:.1f} s; training {s['training_s']:.1f} s of "
+            f"{s['slots']} x {s['wall_s']:.1f} slot-seconds = {100 * s['training_share']:.0f}%"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -24,10 +24,23 @@ def shoot(url: str, path: Path, width: int, height: int, budget_ms: int = 20000)
     if chromium is None:
         raise SystemExit("no chromium on PATH (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:  # a fresh browser: what a new user sees
-        subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                        f"--virtual-time-budget={budget_ms}", f"--screenshot={path}", url],
-                       check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [
+                chromium,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                f"--virtual-time-budget={budget_ms}",
+                f"--screenshot={path}",
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
     print(f"{path}  <-  {url}")
     return path
 
@@ -57,8 +70,12 @@ def main() -> None:
     shoot(f"{ui}/#/experiments/{exp.experiment_id}/runs", args.out / f"{prefix}_runs.png", 1500, 900)
     shoot(parent.data.tags["compare_trials_url"], args.out / f"{prefix}_compare.png", 1500, 1100)
     if "best_run_id" in parent.data.tags:
-        shoot(f"{ui}/#/experiments/{exp.experiment_id}/runs/{parent.data.tags['best_run_id']}/model-metrics",
-              args.out / f"{prefix}_trial.png", 1500, 1000)
+        shoot(
+            f"{ui}/#/experiments/{exp.experiment_id}/runs/{parent.data.tags['best_run_id']}/model-metrics",
+            args.out / f"{prefix}_trial.png",
+            1500,
+            1000,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(client.download_artifacts(parent.info.run_id, "report", tmp))
         for name in ("landscape.png", "slices.png", "pareto.png"):

@@ -27,9 +27,28 @@ from pydantic import Field, TypeAdapter, ValidationError
 from .datasets import DATASETS, dataset_defaults
 from .validation import ConfigError, Note, Rule, describe, load_yaml, section, type_word, unwrap
 
-__all__ = ["ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "RunConfig", "TrackingConfig", "Config",
-           "PRESETS", "preset_names", "field_names", "build_config", "apply_overrides", "parse_cli", "config_to_dict",
-           "config_from_dict", "flatten_config", "flatten_mapping", "save_yaml", "load_yaml", "check_global_batch"]
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "Config",
+    "PRESETS",
+    "preset_names",
+    "field_names",
+    "build_config",
+    "apply_overrides",
+    "parse_cli",
+    "config_to_dict",
+    "config_from_dict",
+    "flatten_config",
+    "flatten_mapping",
+    "save_yaml",
+    "load_yaml",
+    "check_global_batch",
+]
 
 Positive = Annotated[float, Field(gt=0)]
 NonEmpty = Annotated[str, Field(pattern=r"\S")]
@@ -193,8 +212,10 @@ class Config:
     def __post_init__(self) -> None:
         split = DATASETS[self.data.dataset].train_size
         if not 1 <= self.data.val_size < split:
-            raise ValueError(f"val_size must be in [1, {split}) (early stopping needs a validation set; "
-                             f"{self.data.dataset} has {split:,} training images), got {self.data.val_size}")
+            raise ValueError(
+                f"val_size must be in [1, {split}) (early stopping needs a validation set; "
+                f"{self.data.dataset} has {split:,} training images), got {self.data.val_size}"
+            )
 
 
 SECTIONS = types.MappingProxyType({f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "preset"})
@@ -423,8 +444,12 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def build_config(preset: str | None = None, yaml_path: str | os.PathLike | None = None,
-                 overrides: Mapping[str, Any] | None = None, cli: Sequence[str] | None = None) -> Config:
+def build_config(
+    preset: str | None = None,
+    yaml_path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    cli: Sequence[str] | None = None,
+) -> Config:
     """A validated Config: defaults < preset < YAML file < overrides mapping < CLI list. The YAML file (keys
     nested by section, flat or dotted) may name a preset, ``preset: NAME``, used when ``preset`` is None."""
     yaml_values: dict[str, Any] = {}

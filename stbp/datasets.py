@@ -32,12 +32,33 @@ class DatasetSpec:
 
 DATASETS = {
     "mnist": DatasetSpec("mnist", "MNIST", 1, 28, 10, 60_000, 10_000, (0.1307,), (0.3081,), hflip=False),
-    "fashion_mnist": DatasetSpec("fashion_mnist", "FashionMNIST", 1, 28, 10, 60_000, 10_000, (0.2860,), (0.3530,),
-                                 hflip=True),  # fmt: skip
-    "cifar10": DatasetSpec("cifar10", "cifar-10-batches-py", 3, 32, 10, 50_000, 10_000, (0.4914, 0.4822, 0.4465),
-                           (0.2470, 0.2435, 0.2616), hflip=True),  # fmt: skip
-    "cifar100": DatasetSpec("cifar100", "cifar-100-python", 3, 32, 100, 50_000, 10_000, (0.5071, 0.4865, 0.4409),
-                            (0.2673, 0.2564, 0.2762), hflip=True),  # fmt: skip
+    "fashion_mnist": DatasetSpec(
+        "fashion_mnist", "FashionMNIST", 1, 28, 10, 60_000, 10_000, (0.2860,), (0.3530,), hflip=True
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10",
+        "cifar-10-batches-py",
+        3,
+        32,
+        10,
+        50_000,
+        10_000,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        hflip=True,
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100",
+        "cifar-100-python",
+        3,
+        32,
+        100,
+        50_000,
+        10_000,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        hflip=True,
+    ),
 }
 
 

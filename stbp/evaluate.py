@@ -31,8 +31,15 @@ __all__ = ["evaluate", "evaluate_checkpoint", "main"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], split: str, *, amp: torch.dtype | None = None,
-             env: DistEnv | None = None, firing_rates: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    split: str,
+    *,
+    amp: torch.dtype | None = None,
+    env: DistEnv | None = None,
+    firing_rates: bool = False,
+) -> dict[str, float]:
     """``{split}_loss``, ``{split}_acc`` (%) of ``model`` over ``batches`` of normalised ``(x, y)`` on its device
     and, with ``firing_rates``, its spike cost per image (``spikes_per_image``, ``sops_per_image``,
     ``energy_uj_per_image``: :mod:`stbp.monitor`), the mean ``firing_rate`` of all spiking neurons and
@@ -69,8 +76,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], split: 
     return out
 
 
-def evaluate_checkpoint(path, data_dir=None, batch_size: int = 1000, device: str = "cpu",
-                        limit: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path, data_dir=None, batch_size: int = 1000, device: str = "cpu", limit: int | None = None
+) -> dict[str, Any]:
     """Test accuracy, loss and per-layer firing rates of a checkpoint (``limit``: first N test images only)."""
     model, cfg = load_checkpoint(path, map_location=device)
     model = model.to(device, memory_format=torch.channels_last)
@@ -98,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"test accuracy {result['test_acc']:.2f}%  test loss {result['test_loss']:.4f}")
-    print(f"spike cost per image: {result['spikes_per_image']:,.0f} spikes, {result['sops_per_image']:,.0f} "
-          f"synaptic operations, {result['energy_uj_per_image']:.3f} uJ (45 nm estimate; stbp/monitor.py)")
+    print(
+        f"spike cost per image: {result['spikes_per_image']:,.0f} spikes, {result['sops_per_image']:,.0f} "
+        f"synaptic operations, {result['energy_uj_per_image']:.3f} uJ (45 nm estimate; stbp/monitor.py)"
+    )
     print(f"mean firing rate {result['firing_rate']:.4f}; per spiking layer:")
     width = max(len(n) for n in result["firing_rates"])
     for name, rate in result["firing_rates"].items():

@@ -19,7 +19,15 @@ __all__ = ["BasicBlock", "SpikingResNet", "resnet19", "MODEL_KWARGS"]
 
 # The keyword arguments of resnet19(); checkpoints store exactly these to rebuild a model.
 MODEL_KWARGS = (
-    "num_classes", "in_channels", "timesteps", "v_th", "aa", "tau", "width", "readout", "fast_lif",
+    "num_classes",
+    "in_channels",
+    "timesteps",
+    "v_th",
+    "aa",
+    "tau",
+    "width",
+    "readout",
+    "fast_lif",
 )
 
 

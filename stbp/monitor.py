@@ -26,8 +26,7 @@ from torch import Tensor, nn
 from .conv import SpikeConv2d
 from .neuron import LIF
 
-__all__ = ["FiringRateMonitor", "spike_cost", "rate_table", "firing_rate_chart", "E_AC_PJ", "E_MAC_PJ",
-           "SPIKE_COST"]
+__all__ = ["FiringRateMonitor", "spike_cost", "rate_table", "firing_rate_chart", "E_AC_PJ", "E_MAC_PJ", "SPIKE_COST"]
 
 E_AC_PJ = 0.9  #: pJ per accumulate (a 32-bit float add, 45 nm; Horowitz 2014): the cost of one SOP
 E_MAC_PJ = 4.6  #: pJ per multiply-accumulate (3.7 pJ multiply + 0.9 pJ add, 32-bit float, 45 nm; Horowitz 2014)
@@ -104,8 +103,9 @@ class FiringRateMonitor:
         :func:`spike_cost` divides by the images."""
         dense = (spikes * torch.tensor(self._fan_out, device=spikes.device, dtype=spikes.dtype)).sum()
         sops = dense if self._sops is None else self._sops + dense
-        return torch.stack([spikes.sum(), sops, torch.tensor(float(self._macs), device=spikes.device,
-                                                             dtype=spikes.dtype)])
+        return torch.stack(
+            [spikes.sum(), sops, torch.tensor(float(self._macs), device=spikes.device, dtype=spikes.dtype)]
+        )
 
     def rates(self) -> dict[str, float]:
         """``{layer name: firing rate}``; syncs with the device once."""
@@ -129,8 +129,11 @@ class FiringRateMonitor:
 def spike_cost(spikes: float, sops: float, macs: float, images: float) -> dict[str, float]:
     """Per image: ``spikes_per_image`` (every spike of every spiking layer over all T steps), ``sops_per_image``
     and ``energy_uj_per_image`` (``E_AC_PJ x SOPs + E_MAC_PJ x MACs``, in microjoules)."""
-    return {"spikes_per_image": spikes / images, "sops_per_image": sops / images,
-            "energy_uj_per_image": (E_AC_PJ * sops + E_MAC_PJ * macs) / images * 1e-6}
+    return {
+        "spikes_per_image": spikes / images,
+        "sops_per_image": sops / images,
+        "energy_uj_per_image": (E_AC_PJ * sops + E_MAC_PJ * macs) / images * 1e-6,
+    }
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

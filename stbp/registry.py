@@ -42,17 +42,27 @@ def register_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str, run_id
         with mlflow.start_run(run_id=run_id):  # a finished run is reopened and closed FINISHED again
             info = mlflow.pytorch.log_model(
                 # two example images: the exported graph keeps the batch size free (one would fix it to 1)
-                model, name="model", signature=signature, input_example=example.numpy(),
-                serialization_format="pt2", registered_model_name=name,
+                model,
+                name="model",
+                signature=signature,
+                input_example=example.numpy(),
+                serialization_format="pt2",
+                registered_model_name=name,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
     finally:
         mlflow.set_tracking_uri(previous)
     client = MlflowClient(tracking_uri)
     version = str(info.registered_model_version)
-    client.update_model_version(name, version, description=(
-        f"Spiking ResNet-19 (STBP, tdBN) on {spec.name}: v_th {cfg.model.v_th:g}, aa {cfg.model.aa:g}, "
-        f"T {cfg.model.timesteps}, width {cfg.model.width:g}. Input: [N, {spec.channels}, {spec.size}, {spec.size}] "
-        f"float32 images scaled to [0, 1], then normalised with mean {list(spec.mean)} and std {list(spec.std)}. "
-        f"Output: [N, {cfg.model.num_classes}] logits."))
+    client.update_model_version(
+        name,
+        version,
+        description=(
+            f"Spiking ResNet-19 (STBP, tdBN) on {spec.name}: v_th {cfg.model.v_th:g}, aa {cfg.model.aa:g}, "
+            f"T {cfg.model.timesteps}, width {cfg.model.width:g}. "
+            f"Input: [N, {spec.channels}, {spec.size}, {spec.size}] "
+            f"float32 images scaled to [0, 1], then normalised with mean {list(spec.mean)} and std {list(spec.std)}. "
+            f"Output: [N, {cfg.model.num_classes}] logits."
+        ),
+    )
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}

@@ -35,19 +35,31 @@ def train_schema(exclude=()) -> dict[str, Any]:
     """A training config file: fields nested by section, flat or dotted, and ``preset``. ``exclude``: fields the
     file may not set (a sweep's ``train`` leaves out those each trial sets itself)."""
     props: dict[str, Any] = {
-        "preset": {"description": "A preset (stbp/presets/): its values first, then this file's.",
-                   "enum": [*preset_names(), None]}  # fmt: skip
+        "preset": {
+            "description": "A preset (stbp/presets/): its values first, then this file's.",
+            "enum": [*preset_names(), None],
+        }
     }
     defs = {}
     for name, leaves in _section_schemas(exclude).items():
         defs.update({f"field.{k}": v for k, v in leaves.items()})
         refs = {k: {"$ref": f"#/$defs/field.{k}"} for k in leaves}
-        props[name] = {"description": SECTIONS[name].__doc__, "type": ["object", "null"], "properties": refs,
-                       "additionalProperties": False}  # fmt: skip
+        props[name] = {
+            "description": SECTIONS[name].__doc__,
+            "type": ["object", "null"],
+            "properties": refs,
+            "additionalProperties": False,
+        }
         props.update(refs)
         props.update({f"{name}.{k}": v for k, v in refs.items()})
-    return {"$schema": DIALECT, "title": "stbp training config", "type": "object", "properties": props,
-            "additionalProperties": False, "$defs": defs}  # fmt: skip
+    return {
+        "$schema": DIALECT,
+        "title": "stbp training config",
+        "type": "object",
+        "properties": props,
+        "additionalProperties": False,
+        "$defs": defs,
+    }
 
 
 def sweep_schema() -> dict[str, Any]:
@@ -60,7 +72,8 @@ def sweep_schema() -> dict[str, Any]:
     train = train_schema(exclude=TRIAL_OWNED_FIELDS)
     defs.update(train.pop("$defs"))
     props["train"] = {k: v for k, v in train.items() if k not in ("$schema", "title")} | {
-        "description": Sweep.__pydantic_fields__["train"].description}
+        "description": Sweep.__pydantic_fields__["train"].description
+    }
     props["space"]["propertyNames"] = {"enum": [f for f in field_names() if f not in TRIAL_OWNED_FIELDS]}
     props["scheduler"] = {"anyOf": [props["scheduler"], {"enum": ["asha", "none"]}]}
     return {"$schema": DIALECT, "title": "stbp sweep file", **schema, "$defs": defs}

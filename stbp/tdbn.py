@@ -142,4 +142,3 @@ def convert_sync_tdbn(module: nn.Module, process_group=None) -> nn.Module:
             m.sync = True
             m.process_group = process_group
     return module
-

@@ -19,9 +19,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BOOKKEEPING_FIELDS",
-    "TrackingError", "default_tracking_uri", "resolve_tracking_uri", "check_tracking_uri", "experiment_id", "Tracker",
-    "NullTracker", "make_tracker",
+__all__ = [
+    "BOOKKEEPING_FIELDS",
+    "TrackingError",
+    "default_tracking_uri",
+    "resolve_tracking_uri",
+    "check_tracking_uri",
+    "experiment_id",
+    "Tracker",
+    "NullTracker",
+    "make_tracker",
 ]
 
 # Never log these as params or tags, wherever they come from.
@@ -30,8 +37,18 @@ _SECRET_WORDS = ("token", "secret", "password", "key", "credential")
 
 #: Config fields that say where a run's records go, not what it trains: they are tags, not parameters, so that
 #: comparing runs in MLflow compares what defines them.
-BOOKKEEPING_FIELDS = ("output_dir", "data_dir", "resume", "run_id", "run_name", "tracking_uri", "experiment", "mlflow",
-                      "register_model", "tags")
+BOOKKEEPING_FIELDS = (
+    "output_dir",
+    "data_dir",
+    "resume",
+    "run_id",
+    "run_name",
+    "tracking_uri",
+    "experiment",
+    "mlflow",
+    "register_model",
+    "tags",
+)
 
 
 class TrackingError(RuntimeError):
@@ -87,7 +104,10 @@ def experiment_id(client, name: str) -> str:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or None if out.returncode == 0 else None
@@ -114,8 +134,16 @@ class NullTracker:
 class Tracker(NullTracker):
     """One MLflow run, written through ``MlflowClient`` (no global active-run state)."""
 
-    def __init__(self, uri: str, experiment: str, *, run_id: str | None, run_name: str | None,
-                 tags: dict[str, str], pending_path: Path):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        *,
+        run_id: str | None,
+        run_name: str | None,
+        tags: dict[str, str],
+        pending_path: Path,
+    ):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
@@ -142,8 +170,11 @@ class Tracker(NullTracker):
             try:
                 f(*a, **kw)
             except Exception as e:  # never let tracking kill a training run
-                warnings.warn(f"MLflow {name} failed ({type(e).__name__}: {e}); training goes on, the call is "
-                              f"retried later and recorded in {self.pending_path}", stacklevel=3)
+                warnings.warn(
+                    f"MLflow {name} failed ({type(e).__name__}: {e}); training goes on, the call is "
+                    f"retried later and recorded in {self.pending_path}",
+                    stacklevel=3,
+                )
                 self.pending_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.pending_path, "a") as fh:
                     fh.write(json.dumps({"what": what, "time": time.time(), **(record or {})}) + "\n")
@@ -168,8 +199,13 @@ class Tracker(NullTracker):
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(ms), 1000):
-            self._safe("log_metrics", self.client.log_batch, self.run_id, metrics=ms[i : i + 1000],
-                       record={"step": step, "metrics": {m.key: m.value for m in ms[i : i + 1000]}})
+            self._safe(
+                "log_metrics",
+                self.client.log_batch,
+                self.run_id,
+                metrics=ms[i : i + 1000],
+                record={"step": step, "metrics": {m.key: m.value for m in ms[i : i + 1000]}},
+            )
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._safe("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -184,13 +220,22 @@ class Tracker(NullTracker):
     def finish(self, status: str = "FINISHED") -> None:
         self._safe("set_terminated", self.client.set_terminated, self.run_id, status)
         if self._pending:
-            print(f"[stbp] {len(self._pending)} MLflow call(s) could not be delivered; their data is in "
-                  f"{self.pending_path}")
+            print(
+                f"[stbp] {len(self._pending)} MLflow call(s) could not be delivered; their data is in "
+                f"{self.pending_path}"
+            )
 
 
-def make_tracker(enabled: bool, uri: str | None, experiment: str, *, run_id: str | None = None,
-                 run_name: str | None = None, tags: dict[str, str] | None = None,
-                 pending_path: Path) -> NullTracker:
+def make_tracker(
+    enabled: bool,
+    uri: str | None,
+    experiment: str,
+    *,
+    run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    pending_path: Path,
+) -> NullTracker:
     """A :class:`Tracker` when enabled and MLflow is importable, else a :class:`NullTracker` (with a notice)."""
     if not enabled:
         return NullTracker()
@@ -205,7 +250,6 @@ def make_tracker(enabled: bool, uri: str | None, experiment: str, *, run_id: str
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     try:
-        return Tracker(uri, experiment, run_id=run_id, run_name=run_name, tags=tags or {},
-                       pending_path=pending_path)
+        return Tracker(uri, experiment, run_id=run_id, run_name=run_name, tags=tags or {}, pending_path=pending_path)
     except Exception as e:
         raise TrackingError(f"cannot open MLflow run at {uri}: {type(e).__name__}: {e}") from e

@@ -32,8 +32,18 @@ from .monitor import SPIKE_COST, firing_rate_chart, rate_table
 from .recipe import WeightEMA, amp_dtype, build_optimizer, cpu_has_native_bf16, lr_at
 from .tdbn import convert_sync_tdbn
 
-__all__ = ["train", "train_step", "tet_loss", "EarlyStopping", "TrainingDiverged", "Callback", "lr_at", "model_kwargs",
-           "amp_dtype", "cpu_has_native_bf16"]  # the recipe's names stay importable from here
+__all__ = [
+    "train",
+    "train_step",
+    "tet_loss",
+    "EarlyStopping",
+    "TrainingDiverged",
+    "Callback",
+    "lr_at",
+    "model_kwargs",
+    "amp_dtype",
+    "cpu_has_native_bf16",
+]  # the recipe's names stay importable from here
 
 Callback = Callable[[int, dict[str, float], "str | None"], None]
 
@@ -61,9 +71,16 @@ def tet_loss(outputs: Tensor, labels: Tensor, lamb: float, phi: float, label_smo
     return (1 - lamb) * ce + lamb * F.mse_loss(outputs, torch.full_like(outputs, phi))
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               amp: torch.dtype | None = None, grad_clip: float | None = None,
-               tet: tuple[float, float] | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    amp: torch.dtype | None = None,
+    grad_clip: float | None = None,
+    tet: tuple[float, float] | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """One optimisation step: forward (under ``amp`` autocast when given), the loss in fp32 (cross-entropy of the
     time-mean output, or with ``tet = (lamb, phi)`` :func:`tet_loss`; either with ``label_smoothing``), backward,
     optional gradient-norm clipping, optimizer step. Returns the detached loss and time-mean logits; no host sync."""
@@ -123,8 +140,10 @@ class _Trainer:
         check_global_batch(cfg.run.batch_size, env.world_size)
         spec = DATASETS[cfg.data.dataset]
         if cfg.model.in_channels != spec.channels or cfg.model.num_classes < spec.classes:
-            raise ConfigError(f"{spec.name} has {spec.channels}-channel images of {spec.classes} classes: the model's "
-                              f"in_channels {cfg.model.in_channels} and num_classes {cfg.model.num_classes} do not fit")
+            raise ConfigError(
+                f"{spec.name} has {spec.channels}-channel images of {spec.classes} classes: the model's "
+                f"in_channels {cfg.model.in_channels} and num_classes {cfg.model.num_classes} do not fit"
+            )
         state = self._resume_state()
         if env.is_primary:  # rank 0 may download; the others wait and then read the files
             tensors = load_dataset(spec.name, cfg.data.data_dir, download=cfg.data.download)
@@ -134,8 +153,14 @@ class _Trainer:
         if cfg.data.test_size:
             n = cfg.data.test_size
             tensors = tensors._replace(test_images=tensors.test_images[:n], test_labels=tensors.test_labels[:n])
-        self.data = DeviceDataset(tensors, self.device, val_size=cfg.data.val_size,
-                                  train_size=cfg.data.train_size, seed=cfg.run.seed, spec=spec)
+        self.data = DeviceDataset(
+            tensors,
+            self.device,
+            val_size=cfg.data.val_size,
+            train_size=cfg.data.train_size,
+            seed=cfg.run.seed,
+            spec=spec,
+        )
         self.steps = self.data.num_train_steps(cfg.run.batch_size, env.world_size)  # refuses too few batches
 
         torch.manual_seed(cfg.run.seed)
@@ -149,9 +174,11 @@ class _Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if cfg.run.compile and self.device.type == "cpu" and env.is_primary:
-            warnings.warn("compile=true on a CPU: torch.compile (inductor) made this model's training step 5-6x "
-                          "slower than eager on an AVX2 CPU (torch 2.14; BENCHMARKS.md). It is meant for CUDA.",
-                          stacklevel=2)
+            warnings.warn(
+                "compile=true on a CPU: torch.compile (inductor) made this model's training step 5-6x "
+                "slower than eager on an AVX2 CPU (torch 2.14; BENCHMARKS.md). It is meant for CUDA.",
+                stacklevel=2,
+            )
         self.model = torch.compile(model) if cfg.run.compile else model
         self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
         self.mlflow_run_id = cfg.tracking.run_id
@@ -208,9 +235,15 @@ class _Trainer:
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             **cfg.tracking.tags,
         }
-        tracker = make_tracker(cfg.tracking.mlflow, cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                               run_id=self.mlflow_run_id, run_name=cfg.tracking.run_name, tags=tags,
-                               pending_path=self.out / "mlflow_pending.jsonl")
+        tracker = make_tracker(
+            cfg.tracking.mlflow,
+            cfg.tracking.tracking_uri,
+            cfg.tracking.experiment,
+            run_id=self.mlflow_run_id,
+            run_name=cfg.tracking.run_name,
+            tags=tags,
+            pending_path=self.out / "mlflow_pending.jsonl",
+        )
         self.mlflow_run_id = tracker.run_id
         flat = flatten_config(cfg)
         tracker.log_params({k: v for k, v in flat.items() if k not in BOOKKEEPING_FIELDS})
@@ -225,16 +258,31 @@ class _Trainer:
         correct = torch.zeros((), device=dev, dtype=torch.int64)
         first_bad = torch.full((), -1, device=dev, dtype=torch.int64)
         seen = 0
-        batches = self.data.train_batches(epoch, cfg.run.batch_size, env.world_size, env.rank,
-                                          padding=cfg.data.crop_padding, hflip=cfg.data.hflip, seed=cfg.run.seed)
+        batches = self.data.train_batches(
+            epoch,
+            cfg.run.batch_size,
+            env.world_size,
+            env.rank,
+            padding=cfg.data.crop_padding,
+            hflip=cfg.data.hflip,
+            seed=cfg.run.seed,
+        )
         bar = self._progress(epoch)
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(batches):
             lr = lr_at(cfg, epoch + step / self.steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, logits = train_step(self.model, self.optimizer, x.contiguous(memory_format=torch.channels_last),
-                                      y, self.amp, cfg.optim.grad_clip, self.tet, cfg.optim.label_smoothing)
+            loss, logits = train_step(
+                self.model,
+                self.optimizer,
+                x.contiguous(memory_format=torch.channels_last),
+                y,
+                self.amp,
+                cfg.optim.grad_clip,
+                self.tet,
+                cfg.optim.label_smoothing,
+            )
             if self.ema is not None:
                 self.ema.update()
             # Device-side bookkeeping only: no .item() in the step.
@@ -247,11 +295,16 @@ class _Trainer:
                 self._progress_line(bar, epoch, step + 1, loss_sum.item() / seen, lr, time.perf_counter() - t0)
         if bar is not None:
             bar.close()
-        totals = all_reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=dev,
-                                             dtype=torch.float64)]), env).tolist()
+        totals = all_reduce_sum(
+            torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=dev, dtype=torch.float64)]), env
+        ).tolist()
         elapsed = time.perf_counter() - t0
-        return {"train_loss": totals[0] / totals[2], "train_acc": 100.0 * totals[1] / totals[2],
-                "images_per_s": totals[2] / elapsed, "lr": lr}
+        return {
+            "train_loss": totals[0] / totals[2],
+            "train_acc": 100.0 * totals[1] / totals[2],
+            "images_per_s": totals[2] / elapsed,
+            "lr": lr,
+        }
 
     def _check_divergence(self, first_bad: torch.Tensor, epoch: int, lr: float) -> None:
         bad = first_bad.clone()
@@ -279,9 +332,12 @@ class _Trainer:
         elif self.env.is_primary and time.perf_counter() - self._last_line >= self.PROGRESS_EVERY_S:
             self._last_line = time.perf_counter()
             images = done * self.cfg.run.batch_size
-            print(f"[stbp] {100 * done / self.steps:.0f}% of epoch {epoch + 1} of {self.cfg.run.epochs} ({done}/"
-                  f"{self.steps} steps)  loss {loss:.4f}  {images / elapsed:.0f} img/s  ETA epoch "
-                  f"{_clock(elapsed / done * (self.steps - done))}, run {eta}", flush=True)
+            print(
+                f"[stbp] {100 * done / self.steps:.0f}% of epoch {epoch + 1} of {self.cfg.run.epochs} ({done}/"
+                f"{self.steps} steps)  loss {loss:.4f}  {images / elapsed:.0f} img/s  ETA epoch "
+                f"{_clock(elapsed / done * (self.steps - done))}, run {eta}",
+                flush=True,
+            )
 
     PROGRESS_EVERY_S = 30.0  # seconds between progress lines when the output is not a terminal
     _last_line = -math.inf  # when the last one was printed (the first sync point prints one)
@@ -291,8 +347,7 @@ class _Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.cfg.run.epochs}", leave=False,
-                    dynamic_ncols=True)
+        return tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.cfg.run.epochs}", leave=False, dynamic_ncols=True)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -300,8 +355,9 @@ class _Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         batches = self.data.eval_batches(split, self.cfg.run.eval_batch_size, self.env.world_size, self.env.rank)
-        return evaluate(self.eval_model, batches, split, amp=self.amp, env=self.env,
-                        firing_rates=self.cfg.run.firing_rates)  # counted in evaluation only
+        return evaluate(
+            self.eval_model, batches, split, amp=self.amp, env=self.env, firing_rates=self.cfg.run.firing_rates
+        )  # counted in evaluation only
 
     def _state(self, epoch: int) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state()}
@@ -324,9 +380,11 @@ class _Trainer:
     def run(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
         self.setup()
-        self.log(f"[stbp] {cfg.data.dataset}: {self.data.n_train} train / {self.data.n_val} val images, "
-                 f"{env.world_size} rank(s) on {self.device}, {'bf16 autocast' if self.amp else 'fp32'}, "
-                 f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters")
+        self.log(
+            f"[stbp] {cfg.data.dataset}: {self.data.n_train} train / {self.data.n_val} val images, "
+            f"{env.world_size} rank(s) on {self.device}, {'bf16 autocast' if self.amp else 'fp32'}, "
+            f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters"
+        )
         stopped_early = False
         try:
             for epoch in range(self.start_epoch, cfg.run.epochs):
@@ -347,8 +405,9 @@ class _Trainer:
                     # Per-layer rates go to a table: as metrics they would be charted ahead of the accuracy.
                     # In this order: MLflow's compare page charts the first metric a run logged.
                     ordered = {k: metrics[k] for k in ("val_acc", "val_loss", *SPIKE_COST) if k in metrics}
-                    self.tracker.log_metrics({**ordered, **{k: v for k, v in metrics.items() if "/" not in k}},
-                                             step=epoch + 1)
+                    self.tracker.log_metrics(
+                        {**ordered, **{k: v for k, v in metrics.items() if "/" not in k}}, step=epoch + 1
+                    )
                     if (table := rate_table(self.history, self.out / "firing_rates.csv")) is not None:
                         self.tracker.log_artifact(table)
                     self.tracker.log_artifact(self.ckpts.last, "checkpoints")
@@ -398,18 +457,28 @@ class _Trainer:
             if name := self.cfg.tracking.register_model:
                 summary["registered_model"] = self._register(name)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.tracker.log_metrics({f"test_{k}" if k in SPIKE_COST else k: test[k]
-                                      for k in ("test_acc", "test_loss", *SPIKE_COST) if k in test},
-                                     step=len(self.history))
+            self.tracker.log_metrics(
+                {
+                    f"test_{k}" if k in SPIKE_COST else k: test[k]
+                    for k in ("test_acc", "test_loss", *SPIKE_COST)
+                    if k in test
+                },
+                step=len(self.history),
+            )
             self.tracker.log_artifact(self.out / "summary.json")
             chart = firing_rate_chart(rates, self.out / "firing_rates.png")
             if chart is not None:
                 self.tracker.log_artifact(chart)
             self.tracker.finish("FINISHED")
-            cost = (f", {test['sops_per_image']:,.0f} synaptic operations per image "
-                    f"({test['energy_uj_per_image']:.3f} uJ)" if "sops_per_image" in test else "")
-            self.log(f"[stbp] test accuracy {test['test_acc']:.2f}% (best epoch {summary['best_epoch']}){cost}; "
-                     f"model {self.ckpts.best}; summary in {self.out / 'summary.json'}")
+            cost = (
+                f", {test['sops_per_image']:,.0f} synaptic operations per image ({test['energy_uj_per_image']:.3f} uJ)"
+                if "sops_per_image" in test
+                else ""
+            )
+            self.log(
+                f"[stbp] test accuracy {test['test_acc']:.2f}% (best epoch {summary['best_epoch']}){cost}; "
+                f"model {self.ckpts.best}; summary in {self.out / 'summary.json'}"
+            )
         return summary
 
     def _register(self, name: str) -> str | None:
@@ -419,7 +488,7 @@ class _Trainer:
         from .registry import register_checkpoint
 
         found = register_checkpoint(self.ckpts.best, self.tracker.uri, self.mlflow_run_id, name)
-        self.log(f"[stbp] registered as {found['model_uri']}: mlflow.pytorch.load_model(\"models:/{name}/latest\")")
+        self.log(f'[stbp] registered as {found["model_uri"]}: mlflow.pytorch.load_model("models:/{name}/latest")')
         return found["model_uri"]
 
 

@@ -79,8 +79,10 @@ def build(cls: type, values: Mapping[str, Any] | None, where: str = "") -> Any:
     name ``where.field``); ``None`` gives the defaults."""
     error = cls.__error__
     if values is not None and not isinstance(values, Mapping):
-        raise error(f"{where} must be a mapping with keys {', '.join(init_fields(cls))}, got {values!r} "
-                    f"({type(values).__name__})")
+        raise error(
+            f"{where} must be a mapping with keys {', '.join(init_fields(cls))}, got {values!r} "
+            f"({type(values).__name__})"
+        )
     try:
         return cls(**(values or {}))
     except ConfigError as exc:
@@ -152,9 +154,17 @@ def type_word(hint: Any, meta: Sequence = (), optional: bool = False) -> str:
     meta, origin, args = [*meta, *more], typing.get_origin(hint), typing.get_args(hint)
     word = next((m.text for m in meta if isinstance(m, Word)), None)
     if word is None:
-        word = ("a string" if origin is Literal else "a list" if Ellipsis in args else "a pair of floats"
-                if origin is tuple else "a mapping of strings to strings" if origin in (dict, Mapping)
-                else _TYPE_WORDS.get(hint, str(hint)))  # fmt: skip
+        word = (
+            "a string"
+            if origin is Literal
+            else "a list"
+            if Ellipsis in args
+            else "a pair of floats"
+            if origin is tuple
+            else "a mapping of strings to strings"
+            if origin in (dict, Mapping)
+            else _TYPE_WORDS.get(hint, str(hint))
+        )
     return word + (" or None" if optional or maybe_none else "")
 
 
@@ -199,8 +209,10 @@ def describe(cls: type, err: dict, error: type[ConfigError] = ConfigError, where
     if kind == "literal_error" and isinstance(value, str):
         return f"{name} must be one of {', '.join(map(repr, typing.get_args(hint)))}, got {value!r}"
     if entry:  # an entry of a mapping
-        return (f"{name} expects {type_word(hint, meta, optional)}, got entry {entry[0]!r}: {value!r} "
-                f"({type(entry[0]).__name__}: {type(value).__name__})")
+        return (
+            f"{name} expects {type_word(hint, meta, optional)}, got entry {entry[0]!r}: {value!r} "
+            f"({type(entry[0]).__name__}: {type(value).__name__})"
+        )
     return f"{name} expects {type_word(hint, meta, optional)}, got {value!r} ({type(value).__name__})"
 
 

@@ -62,8 +62,13 @@ def test_cluster_config_passes_rays_schema_and_config_checks(name):
     cfg = prepared(raw)
     jsonschema.validate(cfg, ray_schema())  # and after
     assert cfg["head_node_type"] in cfg["available_node_types"]
-    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "head_start_ray_commands",
-                "worker_start_ray_commands"):
+    for key in (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert all(isinstance(c, str) for c in cfg[key]), key
     # The project is copied to every node and installed (editable) with pinned versions that pyproject.toml
     # admits; Ray pinned to the client's own version, as a cluster needs one Ray version everywhere.
@@ -211,8 +216,9 @@ def stop_session(proc: subprocess.Popen, grace: float = 30.0) -> None:
 
 def start(cmd, log: Path, env=None, cwd=None) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
 
 
 def tail(path: Path, n: int = 3000) -> str:
@@ -272,8 +278,9 @@ print(json.dumps(dict(nodes=nodes, actors=actors)))
 
 
 def cluster_state(dashboard: str, env: dict) -> dict | None:
-    proc = subprocess.run([sys.executable, "-c", STATE_QUERY, dashboard], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", STATE_QUERY, dashboard], env=env, capture_output=True, text=True, timeout=60
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else None
 
 
@@ -282,15 +289,32 @@ def ray_node(head_port: int, temp_dir: str, resources: dict, log: Path, env: dic
     every port explicit, as other Ray clusters may run on this machine."""
     ports = free_ports(7)
     cmd = [
-        BIN / "ray", "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-        f"--resources={json.dumps(resources)}", f"--temp-dir={temp_dir}", "--object-store-memory=100000000",
-        f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-        f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
-        f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}", "--disable-usage-stats",
+        BIN / "ray",
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        f"--resources={json.dumps(resources)}",
+        f"--temp-dir={temp_dir}",
+        "--object-store-memory=100000000",
+        f"--node-manager-port={ports[0]}",
+        f"--object-manager-port={ports[1]}",
+        f"--dashboard-agent-listen-port={ports[2]}",
+        f"--dashboard-agent-grpc-port={ports[3]}",
+        f"--metrics-export-port={ports[4]}",
+        f"--runtime-env-agent-port={ports[5]}",
+        "--disable-usage-stats",
     ]
     if dashboard_port:  # the head
-        cmd += ["--head", f"--port={head_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={ports[6]}"]
+        cmd += [
+            "--head",
+            f"--port={head_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={ports[6]}",
+        ]
     else:
         cmd += [f"--address=127.0.0.1:{head_port}"]
     return start(cmd, log, env=env)
@@ -305,8 +329,14 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
     token.write_text(secrets.token_hex(32))
     # Token auth on both nodes and the driver, as cluster.yaml sets it (the same mode everywhere, or the second
     # node is refused); Ray's gRPC servers listen on every interface, the token keeps strangers out.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "STBP_DATA_DIR": data_dir,
-           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "STBP_DATA_DIR": data_dir,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port, mlflow_port = free_ports(3)
     dashboard = f"http://127.0.0.1:{dash_port}"
@@ -320,8 +350,10 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
         procs.append(ray_node(gcs_port, worker_tmp, {"node_worker": 1}, logs[1], env))
 
         # The MLflow server exactly as cluster.yaml's head starts it, 127.0.0.1 for the private IP.
-        args = [a.replace("$HEAD_IP", "127.0.0.1").replace(":5000", f":{mlflow_port}")
-                .replace("/mnt/shared", str(shared)) for a in head_mlflow_args(load_config("cluster.yaml"))]
+        args = [
+            a.replace("$HEAD_IP", "127.0.0.1").replace(":5000", f":{mlflow_port}").replace("/mnt/shared", str(shared))
+            for a in head_mlflow_args(load_config("cluster.yaml"))
+        ]
         args = [str(mlflow_port) if a == "5000" else a for a in args]
         (shared / "mlflow" / "artifacts").mkdir(parents=True)
         procs.append(start([BIN / "mlflow", "server", *args], logs[2], env=env))
@@ -345,9 +377,26 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
         # The sweep, as `ray job submit` runs it on the head: joined to the cluster, trials writing to MLflow.
         # Two trials of one CPU each, two at once, one CPU per node: they must spread over both nodes.
         storage = shared / "ray_results"
-        cmd = [sys.executable, REPO / "tune.py", "--sweep", REPO / "sweeps" / "smoke.yaml",
-               "--address", f"127.0.0.1:{gcs_port}", "--tracking_uri", uri, "--storage", storage,
-               "--num_samples", "2", "--train_size", "256", "--val_size", "128", "--test_size", "256"]
+        cmd = [
+            sys.executable,
+            REPO / "tune.py",
+            "--sweep",
+            REPO / "sweeps" / "smoke.yaml",
+            "--address",
+            f"127.0.0.1:{gcs_port}",
+            "--tracking_uri",
+            uri,
+            "--storage",
+            storage,
+            "--num_samples",
+            "2",
+            "--train_size",
+            "256",
+            "--val_size",
+            "128",
+            "--test_size",
+            "256",
+        ]
         driver = start(cmd, logs[3], env=env, cwd=tmp_path)
         procs.append(driver)
         try:
@@ -401,16 +450,42 @@ def test_torchrun_two_nodes_train_as_one_job(tmp_path, data_dir):
     try:
         for rank in (0, 1):
             cmd = [
-                sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                f"--node-rank={rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                "--rdzv-id=stbp-two-nodes", "--local-addr=127.0.0.1", REPO / "train_ddp.py", "--preset", "tiny",
-                "--output_dir", out, "--mlflow", "false", "--epochs", "1", "--train_size", "512",
-                "--batch_size", "64",
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=stbp-two-nodes",
+                "--local-addr=127.0.0.1",
+                REPO / "train_ddp.py",
+                "--preset",
+                "tiny",
+                "--output_dir",
+                out,
+                "--mlflow",
+                "false",
+                "--epochs",
+                "1",
+                "--train_size",
+                "512",
+                "--batch_size",
+                "64",
             ]
             logs.append(tmp_path / f"node{rank}.log")
             with open(tmp_path / f"node{rank}.out", "w") as stdout, open(logs[-1], "w") as stderr:
-                procs.append(subprocess.Popen([str(c) for c in cmd], stdout=stdout, stderr=stderr, env=env,
-                                              cwd=tmp_path, start_new_session=True))
+                procs.append(
+                    subprocess.Popen(
+                        [str(c) for c in cmd],
+                        stdout=stdout,
+                        stderr=stderr,
+                        env=env,
+                        cwd=tmp_path,
+                        start_new_session=True,
+                    )
+                )
         for proc in procs:
             try:
                 proc.wait(timeout=300)

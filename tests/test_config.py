@@ -144,7 +144,11 @@ def test_cpu_gpu_and_tiny_presets_apply_their_values():
     assert (tiny.model.width, tiny.model.timesteps) == (0.0625, 2)
     assert (tiny.run.epochs, tiny.run.batch_size) == (1, 32)
     assert (tiny.data.train_size, tiny.data.val_size, tiny.data.test_size, tiny.run.eval_batch_size) == (
-        512, 256, 512, 256)
+        512,
+        256,
+        512,
+        256,
+    )
     assert (tiny.run.log_interval, tiny.run.output_dir) == (5, "runs/tiny")
 
 
@@ -399,9 +403,7 @@ def test_cli_missing_value_is_an_error(args):
         parse_cli(args)
 
 
-@pytest.mark.parametrize(
-    "args", [["run.yaml"], ["--lr", "0.1", "extra"], ["--hflip", "maybe"], ["-x"], ["--"]]
-)
+@pytest.mark.parametrize("args", [["run.yaml"], ["--lr", "0.1", "extra"], ["--hflip", "maybe"], ["-x"], ["--"]])
 def test_cli_positional_arguments_are_errors(args):
     with pytest.raises(ConfigError, match="positional"):
         parse_cli(args)
@@ -451,9 +453,7 @@ def test_unknown_key_suggests_closest_name_and_lists_valid_fields(key, suggestio
     assert "valid fields: aa, amp, batch_size" in msg
 
 
-@pytest.mark.parametrize(
-    ("args", "suggestion"), [(["--vth", "0.3"], "v_th"), (["--batchsize", "3"], "batch_size")]
-)
+@pytest.mark.parametrize(("args", "suggestion"), [(["--vth", "0.3"], "v_th"), (["--batchsize", "3"], "batch_size")])
 def test_unknown_cli_flag_suggests_closest_name(args, suggestion):
     with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
         parse_cli(args)
@@ -549,9 +549,19 @@ def test_resume_accepts_keywords_and_paths(resume):
 def test_valid_boundary_values_are_accepted():
     cfg = apply_overrides(
         Config(),
-        {"tau": 1.0, "lr_gamma": 1.0, "val_size": 1, "train_size": 0, "crop_padding": 0, "patience": 0,
-         "momentum": 0.0, "betas": (0.0, 0.0), "warmup_epochs": 0, "num_classes": 2},
-    )  # fmt: skip
+        {
+            "tau": 1.0,
+            "lr_gamma": 1.0,
+            "val_size": 1,
+            "train_size": 0,
+            "crop_padding": 0,
+            "patience": 0,
+            "momentum": 0.0,
+            "betas": (0.0, 0.0),
+            "warmup_epochs": 0,
+            "num_classes": 2,
+        },
+    )
     assert cfg.model.tau == 1.0 and cfg.data.val_size == 1
 
 

@@ -98,8 +98,9 @@ def test_resnet19_with_spike_convs_trains_exactly_like_plain_convs():
     for module in list(plain.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, SpikeConv2d):
-                conv = PlainConv(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 child.padding, bias=False)  # fmt: skip
+                conv = PlainConv(
+                    child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding, bias=False
+                )
                 setattr(module, child_name, conv)
     plain.load_state_dict(ours.state_dict())  # same keys: checkpoints of either load into the other
     assert sum(isinstance(m, SpikeConv2d) for m in ours.modules()) == 8 * 2 + 2

@@ -51,16 +51,22 @@ def second_reading(root: Path, name: str):
     if spec.format == "idx":
         raw = root / spec.folder / "raw"
         read = lambda f, skip: np.frombuffer((raw / f).read_bytes()[skip:], np.uint8)  # noqa: E731
-        return [read("train-images-idx3-ubyte", 16).reshape(-1, 28, 28), read("train-labels-idx1-ubyte", 8),
-                read("t10k-images-idx3-ubyte", 16).reshape(-1, 28, 28), read("t10k-labels-idx1-ubyte", 8)]  # fmt: skip
+        return [
+            read("train-images-idx3-ubyte", 16).reshape(-1, 28, 28),
+            read("train-labels-idx1-ubyte", 8),
+            read("t10k-images-idx3-ubyte", 16).reshape(-1, 28, 28),
+            read("t10k-labels-idx1-ubyte", 8),
+        ]
     key = b"labels" if name == "cifar10" else b"fine_labels"
     train_files = [f"data_batch_{i}" for i in range(1, 6)] if name == "cifar10" else ["train"]
     test_files = ["test_batch"] if name == "cifar10" else ["test"]
     out = []
     for files in (train_files, test_files):
         batches = [pickle.loads((root / spec.folder / f).read_bytes(), encoding="bytes") for f in files]
-        out += [np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32),
-                np.concatenate([b[key] for b in batches])]  # fmt: skip
+        out += [
+            np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32),
+            np.concatenate([b[key] for b in batches]),
+        ]
     return out
 
 
@@ -92,8 +98,17 @@ def test_cifar_crops_and_flips_every_channel_alike_on_the_device():
 
 @pytest.mark.parametrize("name", SETS)
 def test_a_tiny_run_trains_on_each_data_set_and_its_checkpoint_evaluates_without_a_flag(data_root, tmp_path, name):
-    cfg = build_config(preset="tiny", overrides=dict(dataset=name, data_dir=str(data_root), val_size=64, train_size=0,
-                                                     output_dir=str(tmp_path / "out"), mlflow=False))  # fmt: skip
+    cfg = build_config(
+        preset="tiny",
+        overrides=dict(
+            dataset=name,
+            data_dir=str(data_root),
+            val_size=64,
+            train_size=0,
+            output_dir=str(tmp_path / "out"),
+            mlflow=False,
+        ),
+    )
     spec = DATASETS[name]
     assert (cfg.model.in_channels, cfg.model.num_classes) == (spec.channels, spec.classes)
     summary = train(cfg)
@@ -108,12 +123,34 @@ def test_a_tiny_run_trains_on_each_data_set_and_its_checkpoint_evaluates_without
 
 
 def test_evaluate_command_needs_no_dataset_flag(data_root, tmp_path):
-    cfg = build_config(preset="tiny", overrides=dict(dataset="cifar100", data_dir=str(data_root), val_size=64,
-                                                     train_size=0, output_dir=str(tmp_path / "out"), mlflow=False))
+    cfg = build_config(
+        preset="tiny",
+        overrides=dict(
+            dataset="cifar100",
+            data_dir=str(data_root),
+            val_size=64,
+            train_size=0,
+            output_dir=str(tmp_path / "out"),
+            mlflow=False,
+        ),
+    )
     summary = train(cfg)
-    proc = subprocess.run([sys.executable, "-m", "stbp.evaluate", str(tmp_path / "out/checkpoints/best.pt"),
-                           "--data_dir", str(data_root), "--chart", str(tmp_path / "rates.png")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stbp.evaluate",
+            str(tmp_path / "out/checkpoints/best.pt"),
+            "--data_dir",
+            str(data_root),
+            "--chart",
+            str(tmp_path / "rates.png"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"test accuracy {summary['test_acc']:.2f}%" in proc.stdout
     assert (tmp_path / "rates.png").read_bytes()[:4] == b"\x89PNG"
@@ -137,8 +174,12 @@ def test_the_data_set_decides_channels_classes_and_flips_unless_given():
 
 
 def test_a_model_that_does_not_fit_the_data_set_is_refused_before_training(data_root, tmp_path):
-    cfg = build_config(preset="tiny", overrides=dict(dataset="cifar10", in_channels=1, data_dir=str(data_root),
-                                                     output_dir=str(tmp_path / "out"), mlflow=False))  # fmt: skip
+    cfg = build_config(
+        preset="tiny",
+        overrides=dict(
+            dataset="cifar10", in_channels=1, data_dir=str(data_root), output_dir=str(tmp_path / "out"), mlflow=False
+        ),
+    )
     with pytest.raises(ConfigError, match="in_channels 1 and num_classes 10 do not fit"):
         train(cfg)
     assert not (tmp_path / "out").exists()
@@ -195,7 +236,7 @@ def test_labels_out_of_range_are_refused(data_root, tmp_path):
     "payload",
     [
         b"cos\nsystem\n(S'touch MARKER'\ntR.",  # a shell command
-        b"cbuiltins\nexec\n(S'open(\"MARKER\", \"w\")'\ntR.",  # Python code
+        b'cbuiltins\nexec\n(S\'open("MARKER", "w")\'\ntR.',  # Python code
         b"cmarshal\nloads\n(C\x00tR.",  # a code object
     ],
     ids=["os.system", "builtins.exec", "marshal.loads"],
@@ -219,8 +260,12 @@ def test_another_data_sets_files_in_the_place_of_cifar10s_are_refused(data_root,
         load_dataset("cifar10", tmp_path, download=False)
     fashion = tmp_path / "FashionMNIST" / "raw"  # CIFAR's pickles where idx files belong
     fashion.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):  # fmt: skip
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         shutil.copy(folder / "test_batch", fashion / name)
     with pytest.raises(DataFormatError, match="is not an idx file of 3-d unsigned bytes"):
         load_dataset("fashion_mnist", tmp_path, download=False)
@@ -232,8 +277,21 @@ def test_train_ddp_reports_a_malformed_file_and_exits_2(data_root, tmp_path, cap
     sys.path.insert(0, str(ROOT))
     import train_ddp
 
-    argv = ["--preset", "tiny", "--dataset", "cifar10", "--data_dir", str(root), "--val_size", "64",
-            "--train_size", "0", "--no-mlflow", "--output_dir", str(tmp_path / "out")]
+    argv = [
+        "--preset",
+        "tiny",
+        "--dataset",
+        "cifar10",
+        "--data_dir",
+        str(root),
+        "--val_size",
+        "64",
+        "--train_size",
+        "0",
+        "--no-mlflow",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     assert train_ddp.main(argv) == 2
     assert "data_batch_1 is not a readable cifar10 batch" in capsys.readouterr().err
 
@@ -246,10 +304,32 @@ def test_a_two_trial_sweep_on_cifar10_files(data_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
     db = tmp_path / "mlflow.db"
-    args = [sys.executable, str(ROOT / "tune.py"), "--sweep", str(ROOT / "sweeps" / "cifar10_cpu.yaml"),
-            "--num_samples", "2", "--tracking_uri", f"sqlite:///{db}", "--storage", str(tmp_path / "ray"),
-            "--data_dir", str(data_root), "--train_size", "256", "--val_size", "64", "--test_size", "128",
-            "--epochs", "2", "--width", "0.0625", "--batch_size", "32"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ROOT / "tune.py"),
+        "--sweep",
+        str(ROOT / "sweeps" / "cifar10_cpu.yaml"),
+        "--num_samples",
+        "2",
+        "--tracking_uri",
+        f"sqlite:///{db}",
+        "--storage",
+        str(tmp_path / "ray"),
+        "--data_dir",
+        str(data_root),
+        "--train_size",
+        "256",
+        "--val_size",
+        "64",
+        "--test_size",
+        "128",
+        "--epochs",
+        "2",
+        "--width",
+        "0.0625",
+        "--batch_size",
+        "32",
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

@@ -23,13 +23,34 @@ def test_rank_killed_mid_epoch_restarts_and_resumes_into_the_same_mlflow_run(tmp
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = {**os.environ, "STBP_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", str(REPO / "train_ddp.py"),
-        "--preset", "tiny", "--epochs", "3", "--train_size", "4096", "--batch_size", "64", "--patience", "0",
-        "--output_dir", str(out), "--tracking_uri", f"sqlite:///{db}", "--experiment", "faults",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        str(REPO / "train_ddp.py"),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "3",
+        "--train_size",
+        "4096",
+        "--batch_size",
+        "64",
+        "--patience",
+        "0",
+        "--output_dir",
+        str(out),
+        "--tracking_uri",
+        f"sqlite:///{db}",
+        "--experiment",
+        "faults",
     ]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         last = out / "checkpoints" / "last.pt"
         wait_for(last.exists, 300, "the first checkpoint", proc)
@@ -76,9 +97,18 @@ def test_tracking_server_lost_mid_run_loses_no_metrics(tmp_path, data_dir, monke
         if epoch == 2:  # and comes back: what was kept is delivered before epoch 3's records
             server["proc"] = start_mlflow_server(tmp_path / "mlflow-server", port)
 
-    cfg = build_config(preset="tiny", overrides=dict(
-        data_dir=data_dir, output_dir=str(tmp_path / "out"), epochs=3, patience=0, train_size=256,
-        tracking_uri=f"http://127.0.0.1:{port}", experiment="lost-server"))
+    cfg = build_config(
+        preset="tiny",
+        overrides=dict(
+            data_dir=data_dir,
+            output_dir=str(tmp_path / "out"),
+            epochs=3,
+            patience=0,
+            train_size=256,
+            tracking_uri=f"http://127.0.0.1:{port}",
+            experiment="lost-server",
+        ),
+    )
     try:
         with pytest.warns(UserWarning, match="training goes on"):
             summary = train(cfg, callback=chaos)

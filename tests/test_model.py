@@ -149,15 +149,19 @@ def test_spike_cost_counts_every_synaptic_operation_like_an_im2col_count(amp):
     sops, spikes, neuron_steps = [0.0], {}, [0]
     for name, mod in m.named_modules():
         if isinstance(mod, SpikeConv2d):
+
             def count(mod, inputs):
                 cols = F.unfold(inputs[0].detach().float(), mod.kernel_size, padding=mod.padding, stride=mod.stride)
                 sops[0] += cols.sum().item() * mod.out_channels
+
             mod.register_forward_pre_hook(count)
         if isinstance(mod, LIF):
+
             def fired(mod, inputs, out, name=name):
                 out = out[0] if isinstance(out, tuple) else out
                 spikes[name] = spikes.get(name, 0.0) + out.double().sum().item()
                 neuron_steps[0] += out.numel()
+
             mod.register_forward_hook(fired)
     x, y = torch.randn(6, 1, 28, 28), torch.arange(6)
     result = evaluate(m, [(x[:4], y[:4]), (x[4:], y[4:])], "val", amp=amp, firing_rates=True)

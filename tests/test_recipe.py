@@ -42,8 +42,9 @@ def test_label_smoothing_loss_equals_the_hand_computation(eps):
     torch.manual_seed(0)
     outputs, labels = torch.randn(2, 5, 10, dtype=torch.float64), torch.tensor([0, 3, 9, 3, 1])
     model = _Fixed(outputs)
-    loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.zeros(5, 1), labels,
-                         label_smoothing=eps)
+    loss, _ = train_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), torch.zeros(5, 1), labels, label_smoothing=eps
+    )
     expected = hand_smoothed_ce(outputs.mean(0), labels, eps)
     assert loss.item() == pytest.approx(expected, rel=1e-6)  # the step computes the loss in fp32
     # TET smooths every step's cross-entropy: with lamb = 0 it is the mean of the steps' smoothed losses.
@@ -68,8 +69,16 @@ def test_weight_ema_follows_its_formula_and_copies_integer_buffers():
 
 
 def tiny(tmp_path, data_dir, **overrides):
-    base = dict(data_dir=data_dir, output_dir=str(tmp_path / "out"), mlflow=False, train_size=256,
-                val_size=128, batch_size=32, patience=0, test_size=256)
+    base = dict(
+        data_dir=data_dir,
+        output_dir=str(tmp_path / "out"),
+        mlflow=False,
+        train_size=256,
+        val_size=128,
+        batch_size=32,
+        patience=0,
+        test_size=256,
+    )
     return build_config(preset="tiny", overrides={**base, **overrides})
 
 
@@ -96,8 +105,10 @@ def test_warm_up_may_be_fractional_and_the_new_options_are_validated():
     assert lr_at(cfg, 0.25) == pytest.approx(0.5, abs=1e-2)
     assert lr_at(cfg, 0.5) == pytest.approx(1.0) and lr_at(cfg, 1.25) == pytest.approx(0.5)
     assert build_config(cli=["--label_smoothing", "0.1", "--ema_decay", "0.999"]).optim.ema_decay == 0.999
-    for key, value, message in [("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\), got 1.0"),
-                                ("ema_decay", -0.1, r"ema_decay must be in \[0, 1\)"),
-                                ("ema_decay", "high", "ema_decay expects a float, got .high.")]:
+    for key, value, message in [
+        ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\), got 1.0"),
+        ("ema_decay", -0.1, r"ema_decay must be in \[0, 1\)"),
+        ("ema_decay", "high", "ema_decay expects a float, got .high."),
+    ]:
         with pytest.raises(ConfigError, match=message):
             build_config(overrides={key: value})

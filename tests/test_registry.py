@@ -38,17 +38,30 @@ print("ACC", 100.0 * correct / len(data["y"]))
     mnist = load_dataset("mnist", data_dir)
     batch = (workdir or Path(tracking_uri.removeprefix("sqlite:///")).parent) / "batch.pt"
     torch.save({"x": normalize(mnist.test_images[:n], (0.1307,), (0.3081,)), "y": mnist.test_labels[:n]}, batch)
-    out = subprocess.run([sys.executable, "-c", code, str(batch)], capture_output=True, text=True, timeout=300,
-                         cwd=batch.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(batch)], capture_output=True, text=True, timeout=300, cwd=batch.parent
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return float(out.stdout.split("ACC")[-1])
 
 
 def test_register_model_puts_best_pt_in_the_registry_and_it_scores_like_best_pt(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = build_config(preset="tiny", overrides=dict(
-        data_dir=data_dir, output_dir=str(tmp_path / "out"), train_size=2048, val_size=128, batch_size=32, epochs=1,
-        lr=0.005, tracking_uri=uri, test_size=400, register_model="stbp-unit"))
+    cfg = build_config(
+        preset="tiny",
+        overrides=dict(
+            data_dir=data_dir,
+            output_dir=str(tmp_path / "out"),
+            train_size=2048,
+            val_size=128,
+            batch_size=32,
+            epochs=1,
+            lr=0.005,
+            tracking_uri=uri,
+            test_size=400,
+            register_model="stbp-unit",
+        ),
+    )
     summary = train(cfg)
     assert summary["registered_model"] == "models:/stbp-unit/1"
     best = evaluate_checkpoint(tmp_path / "out" / "checkpoints" / "best.pt", data_dir=data_dir, limit=400)

@@ -43,8 +43,9 @@ def test_the_committed_schema_is_the_generated_one(kind):
 
 @pytest.mark.parametrize(("script", "kind"), [("train_ddp.py", "train"), ("tune.py", "sweep")])
 def test_schema_option_prints_it(script, kind):
-    out = subprocess.run([sys.executable, str(ROOT / script), "--schema"], capture_output=True, text=True,
-                         check=True, timeout=120).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROOT / script), "--schema"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     assert json.loads(out) == committed(kind)
 
 
@@ -108,6 +109,7 @@ def test_help_lists_every_field_with_its_doc_and_default():
     for name in field_names():
         assert f"--{name} " in text, name
     assert "--v_th             LIF firing threshold. (default: 0.4)" in text
-    out = subprocess.run([sys.executable, str(ROOT / "train_ddp.py"), "--help"], capture_output=True, text=True,
-                         check=True, timeout=120).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train_ddp.py"), "--help"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     assert text in out and "presets (stbp/presets/): cifar10, cifar100, cifar_cpu, cpu, gpu, seed, tiny" in out

@@ -57,9 +57,17 @@ def test_no_import_circles():
 
 def test_the_sweep_imports_run_one_way():
     graph = imports()
-    order = ["stbp.sweep.errors", "stbp.sweep.space",
-             "stbp.sweep.spec", "stbp.sweep.record", "stbp.sweep.trial",
-             "stbp.sweep.analysis", "stbp.sweep.plots", "stbp.sweep.report", "stbp.sweep.run"]
+    order = [
+        "stbp.sweep.errors",
+        "stbp.sweep.space",
+        "stbp.sweep.spec",
+        "stbp.sweep.record",
+        "stbp.sweep.trial",
+        "stbp.sweep.analysis",
+        "stbp.sweep.plots",
+        "stbp.sweep.report",
+        "stbp.sweep.run",
+    ]
     for i, module in enumerate(order):
         later = set(order[i + 1 :])
         assert not graph[module] & later, (module, graph[module] & later)
@@ -71,7 +79,9 @@ def test_no_file_in_the_package_is_over_450_lines():
 
 
 def test_the_core_loads_without_ray_or_mlflow():
-    code = ("import sys, stbp, stbp.train, stbp.evaluate, stbp.data, stbp.config, stbp.checkpoint\n"
-            "print(sorted(m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys, stbp, stbp.train, stbp.evaluate, stbp.data, stbp.config, stbp.checkpoint\n"
+        "print(sorted(m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -47,8 +47,10 @@ def write_sweep(directory: Path, name: str, points, num_samples: int, resources:
     data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     data["name"] = name
     data["train"] = {"preset": "tiny", "lr": 0.01, "epochs": 2}
-    data["space"] = {"v_th": {"type": "uniform", "low": 0.2, "high": 3.0}, "aa": {"type": "uniform", "low": 0.1,
-                                                                                "high": 1.0}}  # fmt: skip
+    data["space"] = {
+        "v_th": {"type": "uniform", "low": 0.2, "high": 3.0},
+        "aa": {"type": "uniform", "low": 0.1, "high": 1.0},
+    }
     data["search"].update(num_samples=num_samples, max_concurrent=1, points_to_evaluate=points)
     data["scheduler"] = {"type": "asha", "grace_period": 1, "reduction_factor": 2}  # stops the silent point at 1
     data["resources"] = resources
@@ -172,10 +174,15 @@ def resumed_sweep(mlflow_server, tmp_path_factory, data_dir):
 
     second_rc, second_out = run_tune([*args, "--resume"], work, env, work / "second.log")
     return types.SimpleNamespace(
-        client=client, work=work, exp_id=exp_id, parent_id=parent.info.run_id,
-        first=(first_rc, first_out), second=(second_rc, second_out),
-        interrupted=interrupted, parent_status_after_interrupt=parent_status_after_interrupt,
-    )  # fmt: skip
+        client=client,
+        work=work,
+        exp_id=exp_id,
+        parent_id=parent.info.run_id,
+        first=(first_rc, first_out),
+        second=(second_rc, second_out),
+        interrupted=interrupted,
+        parent_status_after_interrupt=parent_status_after_interrupt,
+    )
 
 
 @pytest.mark.slow
@@ -238,16 +245,17 @@ def test_parent_records_the_best_trial_and_the_report(resumed_sweep, tmp_path):
     s = resumed_sweep
     parent = s.client.get_run(s.parent_id)
     runs = children(s.client, s.parent_id, s.exp_id)
-    best = max(
-        runs, key=lambda r: max(m.value for m in s.client.get_metric_history(r.info.run_id, "val_acc"))
-    )
+    best = max(runs, key=lambda r: max(m.value for m in s.client.get_metric_history(r.info.run_id, "val_acc")))
     best_value = max(m.value for m in s.client.get_metric_history(best.info.run_id, "val_acc"))
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["best_val_acc"] == pytest.approx(best_value)
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert float(parent.data.params["best.v_th"]) == pytest.approx(float(best.data.params["v_th"]))
     assert {k: parent.data.tags[k] for k in ("searcher", "sampler", "scheduler")} == {
-        "searcher": "optuna", "sampler": "tpe", "scheduler": "asha"}  # fmt: skip
+        "searcher": "optuna",
+        "sampler": "tpe",
+        "scheduler": "asha",
+    }
     assert {a.path for a in s.client.list_artifacts(s.parent_id, "sweep")} == {
         "sweep/e2e.yaml",
         "sweep/sweep.yaml",
@@ -281,15 +289,31 @@ def multi_sweeps(mlflow_server, tmp_path_factory, data_dir):
     """The same sweep file run twice in one directory, made multi-objective by one option: two sweeps, two parent
     runs, two versions of the registered model."""
     work = tmp_path_factory.mktemp("multi")
-    path = write_sweep(work, "multi", [GOOD, BAD], 3, {"cpus": 2, "gpus": 0, "workers": 1},
-                       mlflow={"experiment": "stbp-multi"})  # registered_model: the default, stbp-{name}
-    args = ["--sweep", str(path), "--tracking_uri", mlflow_server, "--metric", "val_acc,sops_per_image",
-            "--epochs", "1", "--train_size", "2048", "--lr", "0.005", "--test_size", "500"]
+    path = write_sweep(
+        work, "multi", [GOOD, BAD], 3, {"cpus": 2, "gpus": 0, "workers": 1}, mlflow={"experiment": "stbp-multi"}
+    )  # registered_model: the default, stbp-{name}
+    args = [
+        "--sweep",
+        str(path),
+        "--tracking_uri",
+        mlflow_server,
+        "--metric",
+        "val_acc,sops_per_image",
+        "--epochs",
+        "1",
+        "--train_size",
+        "2048",
+        "--lr",
+        "0.005",
+        "--test_size",
+        "500",
+    ]
     env, client = tune_env(data_dir), MlflowClient(mlflow_server)
     runs = [run_tune(args, work, env, work / f"run{i}.log") for i in (1, 2)]
     exp = client.get_experiment_by_name("stbp-multi")
-    parents = client.search_runs([exp.experiment_id], filter_string="tags.`stbp.role` = 'sweep'",
-                                 order_by=["attributes.start_time ASC"])
+    parents = client.search_runs(
+        [exp.experiment_id], filter_string="tags.`stbp.role` = 'sweep'", order_by=["attributes.start_time ASC"]
+    )
     return types.SimpleNamespace(client=client, work=work, exp_id=exp.experiment_id, runs=runs, parents=parents)
 
 
@@ -367,10 +391,12 @@ def test_the_best_trial_is_registered_and_loads_by_name_scoring_like_best_pt(mul
     best = s.client.get_run(parent.data.tags["best_run_id"])
     assert parent.data.tags["registered_model"] == "models:/stbp-multi/2"
     assert {v.run_id for v in versions if v.version == "2"} == {best.info.run_id}
-    expected = evaluate_checkpoint(Path(best.data.tags["output_dir"]) / "checkpoints" / "best.pt", data_dir=data_dir,
-                                   limit=500)["test_acc"]
-    assert registry_accuracy("models:/stbp-multi/latest", s.client.tracking_uri, data_dir, 500,
-                             workdir=s.work) == expected
+    expected = evaluate_checkpoint(
+        Path(best.data.tags["output_dir"]) / "checkpoints" / "best.pt", data_dir=data_dir, limit=500
+    )["test_acc"]
+    assert (
+        registry_accuracy("models:/stbp-multi/latest", s.client.tracking_uri, data_dir, 500, workdir=s.work) == expected
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,8 +412,10 @@ def write_fault_sweep(directory: Path) -> Path:
     data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     data.update(name="faults", scheduler={"type": "none"}, failures={"max_failures": 1})
     data["train"] = {"preset": "tiny", "epochs": 3, "lr": 0.01, "train_size": 3072}  # epochs of a few seconds
-    data["space"] = {"v_th": {"type": "uniform", "low": 0.2, "high": 0.8}, "aa": {"type": "uniform", "low": 0.2,
-                                                                                "high": 1.0}}  # fmt: skip
+    data["space"] = {
+        "v_th": {"type": "uniform", "low": 0.2, "high": 0.8},
+        "aa": {"type": "uniform", "low": 0.2, "high": 1.0},
+    }
     data["space"]["lr"] = {"type": "loguniform", "low": 1e-3, "high": 1e36}
     data["search"].update(num_samples=3, max_concurrent=1, points_to_evaluate=[KILLED, DIVERGES, CUT])
     data["resources"] = {"cpus": 2, "gpus": 0, "workers": 1}
@@ -439,9 +467,14 @@ def faulted_sweep(mlflow_server, tmp_path_factory, data_dir):
     parent_status_after_kill = parent.info.status
     second_rc, second_out = run_tune([*args, "--resume"], work, env, work / "second.log", timeout=500)
     return types.SimpleNamespace(
-        client=client, exp_id=exp_id, parent_id=parent.info.run_id, parent_status_after_kill=parent_status_after_kill,
-        cut_before=cut_before, first=first_log.read_text(), second=(second_rc, second_out),
-    )  # fmt: skip
+        client=client,
+        exp_id=exp_id,
+        parent_id=parent.info.run_id,
+        parent_status_after_kill=parent_status_after_kill,
+        cut_before=cut_before,
+        first=first_log.read_text(),
+        second=(second_rc, second_out),
+    )
 
 
 @pytest.mark.slow
@@ -487,9 +520,7 @@ def test_a_sigkilled_driver_is_resumed_with_every_trial_once(faulted_sweep):
 
 def test_ray_default_is_a_dependency_so_stopped_ddp_trials_free_their_workers():
     # Ray Train V2 frees a stopped trial's workers through the state API, which ray[tune] alone lacks.
-    deps = " ".join(
-        __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    )
+    deps = " ".join(__import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
     assert "ray[default" in deps.replace(" ", "")
     assert importlib.util.find_spec("aiohttp") is not None  # the dashboard that serves the state API
 
@@ -541,8 +572,10 @@ def test_a_reused_worker_gives_a_trial_the_result_of_a_fresh_one(mlflow_server, 
     assert first.data.tags["worker_pid"] == second.data.tags["worker_pid"]  # one process served both trials
     assert first.data.tags[TRIAL_TAG] != second.data.tags[TRIAL_TAG]
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "sops_per_image"):
-        histories = [[(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, key),
-                                                        key=lambda m: m.step)] for r in (first, second)]
+        histories = [
+            [(m.step, m.value) for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)]
+            for r in (first, second)
+        ]
         assert histories[0] == histories[1] and len(histories[0]) == 2, key
     assert first.data.metrics["test_acc"] == second.data.metrics["test_acc"]
     assert first.info.status == second.info.status == "FINISHED"
@@ -562,15 +595,11 @@ def sweep(tmp_path):
 def record(tmp_path, sweep):
     resolved = tmp_path / "sweep.yaml"
     resolved.write_text(sweep_yaml(sweep))
-    return open_sweep_record(
-        sweep, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ray" / "smoke", resolved
-    )
+    return open_sweep_record(sweep, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ray" / "smoke", resolved)
 
 
 def fake_trial(trial_id, status="TERMINATED", config=None, error=None):
-    return types.SimpleNamespace(
-        trial_id=trial_id, status=status, config=config or {}, get_error=lambda: error
-    )
+    return types.SimpleNamespace(trial_id=trial_id, status=status, config=config or {}, get_error=lambda: error)
 
 
 def test_the_parent_run_is_found_again_not_duplicated(tmp_path, sweep, record):
@@ -599,9 +628,7 @@ def test_callback_closes_stopped_failed_and_interrupted_trials_but_not_finished_
     interrupted = child_run(record, "int", "t", {})
     cb.on_trial_complete(0, [], fake_trial("fin"))
     cb.on_trial_complete(0, [], fake_trial("stop"))
-    cb.on_trial_error(
-        0, [], fake_trial("err", "ERROR", {"v_th": 0.3}, error="Traceback...\nTrainingDiverged: NaN")
-    )
+    cb.on_trial_error(0, [], fake_trial("err", "ERROR", {"v_th": 0.3}, error="Traceback...\nTrainingDiverged: NaN"))
     cb.on_experiment_end([fake_trial("int", "RUNNING")])
     assert client.get_run(finished).info.status == "FINISHED"
     assert "stopped_early" not in client.get_run(finished).data.tags

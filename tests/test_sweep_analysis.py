@@ -36,8 +36,14 @@ def row(trial_id, v_th, aa, value, sops=None, status="FINISHED"):
 
 
 def test_the_working_region_spans_the_trials_within_90_percent_of_the_best(sweep):
-    rows = [row("a", 0.4, 0.5, 95.0), row("b", 0.2, 0.3, 90.0), row("c", 0.8, 1.2, 86.0), row("d", 1.4, 0.1, 11.0),
-            row("e", 0.3, 1.8, 85.4), row("f", 0.5, 0.5, None, status="FAILED")]
+    rows = [
+        row("a", 0.4, 0.5, 95.0),
+        row("b", 0.2, 0.3, 90.0),
+        row("c", 0.8, 1.2, 86.0),
+        row("d", 1.4, 0.1, 11.0),
+        row("e", 0.3, 1.8, 85.4),
+        row("f", 0.5, 0.5, None, status="FAILED"),
+    ]
     region = working_region(rows, sweep)
     # 90% of 95 is 85.5: a, b, c are inside; e (85.4) and d are not; f has no value.
     assert (region["best"], region["threshold"], region["trials"], region["of"]) == (95.0, pytest.approx(85.5), 3, 5)
@@ -84,8 +90,12 @@ def test_the_pareto_front_matches_a_brute_force_definition():
 
 
 def test_the_csv_table_and_pictures_carry_the_ratio_the_cost_and_the_front(tmp_path, multi):
-    rows = [row("a", 0.4, 0.5, 95.0, 3e5), row("b", 0.8, 0.5, 93.0, 1e5), row("c", 0.2, 0.3, 90.0, 4e5),
-            row("d", 1.4, 0.1, 11.0, 0.0)]
+    rows = [
+        row("a", 0.4, 0.5, 95.0, 3e5),
+        row("b", 0.8, 0.5, 93.0, 1e5),
+        row("c", 0.2, 0.3, 90.0, 4e5),
+        row("d", 1.4, 0.1, 11.0, 0.0),
+    ]
     front = pareto_front(rows, multi.metrics, multi.modes)
     assert [r.trial_id for r in front] == ["a", "b", "d"]  # c costs more than a for less accuracy
     with open(write_csv(rows, multi, tmp_path / "t.csv", front)) as f:
@@ -93,13 +103,26 @@ def test_the_csv_table_and_pictures_carry_the_ratio_the_cost_and_the_front(tmp_p
     assert [t["pareto_optimal"] for t in table] == ["true", "true", "false", "true"]
     assert float(table[1]["aa_over_v_th"]) == pytest.approx(0.625) and table[1]["last_sops_per_image"] == "100000.0"
     text = format_table(rows, multi, front)
-    assert text.splitlines()[0].split() == ["rank", "trial", "v_th", "aa", "aa/v_th", "best", "val_acc",
-                                            "sops_per_image", "pareto", "epochs", "status"]
+    assert text.splitlines()[0].split() == [
+        "rank",
+        "trial",
+        "v_th",
+        "aa",
+        "aa/v_th",
+        "best",
+        "val_acc",
+        "sops_per_image",
+        "pareto",
+        "epochs",
+        "status",
+    ]
     assert text.splitlines()[3].split() == ["2", "b", "0.8", "0.5", "0.625", "93", "1e+05", "*", "3", "finished"]
     assert text.splitlines()[4].split() == ["3", "c", "0.2", "0.3", "1.5", "90", "4e+05", "3", "finished"]
     region = working_region(rows, multi)
-    for plot, name in ((plot_pareto(rows, front, multi, tmp_path / "p.png"), "p.png"),
-                       (plot_slices(rows, multi, region, tmp_path / "s.png"), "s.png")):
+    for plot, name in (
+        (plot_pareto(rows, front, multi, tmp_path / "p.png"), "p.png"),
+        (plot_slices(rows, multi, region, tmp_path / "s.png"), "s.png"),
+    ):
         assert plot == tmp_path / name and plot.read_bytes()[:4] == b"\x89PNG"
 
 

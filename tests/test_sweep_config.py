@@ -142,8 +142,11 @@ def test_resolved_sweep_records_the_overrides(tmp_path):
         ("scheduler.grace_period", 2, ["scheduler.grace_period (2) must be < max_t (2)", "scheduler: none"]),
         ("scheduler.max_t", 5, ["scheduler.max_t (5) exceeds the trial's epochs (2)"]),
         ("scheduler.reduction_factor", 1, ["scheduler.reduction_factor must be > 1"]),
-        ("metric", "test_acc", ["metric must be one of 'val_acc', 'val_loss', 'train_acc', 'train_loss', "
-                                "'spikes_per_image'"]),
+        (
+            "metric",
+            "test_acc",
+            ["metric must be one of 'val_acc', 'val_loss', 'train_acc', 'train_loss', 'spikes_per_image'"],
+        ),
         ("mode", "maximum", ["mode must be one of 'max', 'min'"]),
         ("resources.gpus", -1, ["resources.gpus must be >= 0"]),
         ("resources.workers", 0, ["resources.workers must be >= 1"]),
@@ -241,9 +244,7 @@ def test_invalid_search_space_is_refused(tmp_path, param, spec, expected):
     ],
 )
 def test_invalid_points_to_evaluate_are_refused(tmp_path, points, expected):
-    assert expected in error_of(
-        write(tmp_path, {**BASE, "search": {"num_samples": 3, "points_to_evaluate": points}})
-    )
+    assert expected in error_of(write(tmp_path, {**BASE, "search": {"num_samples": 3, "points_to_evaluate": points}}))
 
 
 def test_invalid_train_fields_reuse_the_config_messages(tmp_path):
@@ -256,9 +257,7 @@ def test_invalid_train_fields_reuse_the_config_messages(tmp_path):
 
 
 def test_fields_each_trial_sets_cannot_be_given(tmp_path):
-    assert "train: output_dir is set by each trial" in error_of(
-        with_change(tmp_path, "train.output_dir", "x")
-    )
+    assert "train: output_dir is set by each trial" in error_of(with_change(tmp_path, "train.output_dir", "x"))
     assert "run_id is set by each trial" in error_of(write(tmp_path, BASE), train_cli=["--run_id", "abc"])
 
 

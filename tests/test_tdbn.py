@@ -87,8 +87,13 @@ def _synced_rank(rank, world, x_all, result_path):
     params = torch.cat([bn.weight.grad, bn.bias.grad])
     torch.distributed.all_reduce(params)  # what DDP does with gradients (as a sum here)
     torch.save(
-        {"y": y.detach(), "grad_x": x.grad, "grad_params": params, "running_mean": bn.running_mean,
-         "running_var": bn.running_var},
+        {
+            "y": y.detach(),
+            "grad_x": x.grad,
+            "grad_params": params,
+            "running_mean": bn.running_mean,
+            "running_var": bn.running_var,
+        },
         f"{result_path}.{rank}",
     )
 

@@ -40,7 +40,8 @@ def test_tet_differs_from_the_cross_entropy_of_the_mean_output():
     mean_ce = torch.nn.functional.cross_entropy(outputs.mean(0), labels).item()
     assert mean_ce == pytest.approx(math.log(2))
     assert tet_loss(outputs, labels, 0.0, 1.0).item() == pytest.approx(
-        0.5 * (math.log(1 + math.exp(-4)) + math.log(1 + math.exp(4))))
+        0.5 * (math.log(1 + math.exp(-4)) + math.log(1 + math.exp(4)))
+    )
 
 
 def test_the_per_step_outputs_average_to_the_models_output():
@@ -66,8 +67,11 @@ def test_training_with_tet_runs_on_mnist_and_cifar(tmp_path, data_dir):
 
     base = dict(output_dir=str(tmp_path / "ce"), mlflow=False, train_size=256, val_size=128, batch_size=32)
     train(build_config(preset="tiny", overrides={**base, "data_dir": data_dir}))
-    tet = train(build_config(preset="tiny", overrides={**base, "data_dir": data_dir, "loss": "tet",
-                                                       "output_dir": str(tmp_path / "tet")}))  # fmt: skip
+    tet = train(
+        build_config(
+            preset="tiny", overrides={**base, "data_dir": data_dir, "loss": "tet", "output_dir": str(tmp_path / "tet")}
+        )
+    )
     from stbp.checkpoint import read_checkpoint
 
     ce_state, tet_state = (read_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("ce", "tet"))
@@ -75,7 +79,18 @@ def test_training_with_tet_runs_on_mnist_and_cifar(tmp_path, data_dir):
     assert tet_state["metrics"][0]["train_loss"] != ce_state["metrics"][0]["train_loss"]  # another loss...
     assert not torch.equal(tet_state["model"]["fc2.weight"], ce_state["model"]["fc2.weight"])  # ...another model
     root = make_cifar(tmp_path / "data", "cifar10")
-    cifar = train(build_config(preset="tiny", overrides={**base, "data_dir": str(root), "dataset": "cifar10",
-                                                         "train_size": 0, "val_size": 64, "loss": "tet",
-                                                         "output_dir": str(tmp_path / "cifar")}))  # fmt: skip
+    cifar = train(
+        build_config(
+            preset="tiny",
+            overrides={
+                **base,
+                "data_dir": str(root),
+                "dataset": "cifar10",
+                "train_size": 0,
+                "val_size": 64,
+                "loss": "tet",
+                "output_dir": str(tmp_path / "cifar"),
+            },
+        )
+    )
     assert cifar["epochs_run"] == 1 and math.isfinite(cifar["test_acc"])

@@ -25,8 +25,9 @@ def test_default_store_is_an_absolute_sqlite_file_in_the_working_directory(monke
 
 def test_secrets_never_reach_params_or_tags(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    tracker = make_tracker(True, uri, "secrets", pending_path=tmp_path / "p.jsonl",
-                           tags={"api_token": "abc", "ok": "1"})
+    tracker = make_tracker(
+        True, uri, "secrets", pending_path=tmp_path / "p.jsonl", tags={"api_token": "abc", "ok": "1"}
+    )
     assert isinstance(tracker, Tracker)
     tracker.log_params({"lr": 0.1, "AWS_SECRET_ACCESS_KEY": "shh", "password": "pw"})
     tracker.finish()

@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny(tmp_path, data_dir, **overrides):
-    base = dict(data_dir=data_dir, output_dir=str(tmp_path / "out"), mlflow=False, train_size=256,
-                val_size=128, batch_size=32)
+    base = dict(
+        data_dir=data_dir, output_dir=str(tmp_path / "out"), mlflow=False, train_size=256, val_size=128, batch_size=32
+    )
     return build_config(preset="tiny", overrides={**base, **overrides})
 
 
@@ -69,8 +70,9 @@ def test_compile_trains_like_eager_and_warns_on_cpu(tmp_path, data_dir, monkeypa
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="aot_eager", **kw))
     with pytest.warns(UserWarning, match="compile=true on a CPU"):
         compiled = train(tiny(tmp_path / "compiled", data_dir, epochs=1, compile=True))
-    ours, theirs = (read_checkpoint(Path(s["output_dir"]) / "checkpoints" / "last.pt")["metrics"][0]
-                    for s in (compiled, eager))
+    ours, theirs = (
+        read_checkpoint(Path(s["output_dir"]) / "checkpoints" / "last.pt")["metrics"][0] for s in (compiled, eager)
+    )
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
     assert (compiled["test_acc"], compiled["test_loss"]) == pytest.approx((eager["test_acc"], eager["test_loss"]))
@@ -170,10 +172,28 @@ def test_torchrun_two_ranks_trains_one_epoch_and_records_mlflow_run(tmp_path, da
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "STBP_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1", str(REPO / "train_ddp.py"),
-        "--preset", "tiny", "--output_dir", str(tmp_path / "out"), "--tracking_uri", f"sqlite:///{db}",
-        "--experiment", "ddp-test", "--epochs", "1", "--train_size", "512", "--batch_size", "64",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--nnodes=1",
+        str(REPO / "train_ddp.py"),
+        "--preset",
+        "tiny",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--tracking_uri",
+        f"sqlite:///{db}",
+        "--experiment",
+        "ddp-test",
+        "--epochs",
+        "1",
+        "--train_size",
+        "512",
+        "--batch_size",
+        "64",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -234,8 +254,9 @@ def test_unreachable_tracking_server_is_refused_before_training(tmp_path, data_d
 
 def test_config_yaml_file_drives_training(tmp_path, data_dir):
     (tmp_path / "c.yaml").write_text("preset: tiny\nmodel:\n  v_th: 0.35\nrun:\n  epochs: 1\n")
-    cfg = build_config(yaml_path=tmp_path / "c.yaml", overrides=dict(mlflow=False, data_dir=data_dir,
-                                                                     output_dir=str(tmp_path / "o")))
+    cfg = build_config(
+        yaml_path=tmp_path / "c.yaml", overrides=dict(mlflow=False, data_dir=data_dir, output_dir=str(tmp_path / "o"))
+    )
     assert cfg.model.v_th == 0.35 and cfg.model.width == 0.0625
     with pytest.raises(ConfigError):
         build_config(yaml_path=tmp_path / "c.yaml", overrides={"bogus": 1})
@@ -260,8 +281,9 @@ def test_no_preset_means_the_hardware_preset_and_the_first_line_says_so(capsys, 
     assert train_ddp.parse_args([]).preset == "seed" and capsys.readouterr().out == ""  # only rank 0 talks
 
 
-def test_a_log_shows_progress_with_an_eta_and_the_last_line_where_the_outputs_are(tmp_path, data_dir, capsys,
-                                                                                   monkeypatch):
+def test_a_log_shows_progress_with_an_eta_and_the_last_line_where_the_outputs_are(
+    tmp_path, data_dir, capsys, monkeypatch
+):
     import re
 
     from stbp.train import _Trainer
@@ -270,8 +292,10 @@ def test_a_log_shows_progress_with_an_eta_and_the_last_line_where_the_outputs_ar
     train(tiny(tmp_path, data_dir, epochs=2, log_interval=2, patience=0))  # 8 steps an epoch
     lines = capsys.readouterr().out.splitlines()
     progress = [line for line in lines if "steps)" in line]
-    pattern = (r"\[stbp\] (\d+)% of epoch ([12]) of 2 \((\d)/8 steps\)  loss [\d.]+  \d+ img/s  "
-               r"ETA epoch \d+:\d\d, run (\d+):(\d\d)")
+    pattern = (
+        r"\[stbp\] (\d+)% of epoch ([12]) of 2 \((\d)/8 steps\)  loss [\d.]+  \d+ img/s  "
+        r"ETA epoch \d+:\d\d, run (\d+):(\d\d)"
+    )
     parsed = [re.fullmatch(pattern, line) for line in progress]
     assert len(parsed) == 8 and all(parsed), progress
     assert [(m[2], m[3]) for m in parsed] == [(e, s) for e in "12" for s in "2468"]

@@ -22,6 +22,21 @@ from .loader import (
     split_train_val,
 )
 
-__all__ = ["DATA_DIR_ENV", "MNIST_MEAN", "MNIST_STD", "DataFormatError", "DataNotFoundError", "DatasetTensors",
-           "DeviceDataset", "DeviceMNIST", "MNISTTensors", "augment", "epoch_indices", "load_dataset", "load_mnist",
-           "normalize", "resolve_data_dir", "split_train_val"]
+__all__ = [
+    "DATA_DIR_ENV",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "DataFormatError",
+    "DataNotFoundError",
+    "DatasetTensors",
+    "DeviceDataset",
+    "DeviceMNIST",
+    "MNISTTensors",
+    "augment",
+    "epoch_indices",
+    "load_dataset",
+    "load_mnist",
+    "normalize",
+    "resolve_data_dir",
+    "split_train_val",
+]

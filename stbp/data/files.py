@@ -30,14 +30,26 @@ from torch import Tensor
 
 from ..datasets import DATASETS, DatasetSpec
 
-__all__ = ["DataNotFoundError", "DataFormatError", "DatasetTensors", "MNISTTensors", "resolve_data_dir",
-           "load_dataset", "load_mnist", "DATA_DIR_ENV"]
+__all__ = [
+    "DataNotFoundError",
+    "DataFormatError",
+    "DatasetTensors",
+    "MNISTTensors",
+    "resolve_data_dir",
+    "load_dataset",
+    "load_mnist",
+    "DATA_DIR_ENV",
+]
 
 DATA_DIR_ENV = "STBP_DATA_DIR"
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
-PICKLE_FILES = {"cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
-                "cifar100": {"train": ["train"], "test": ["test"]}}  # fmt: skip
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+PICKLE_FILES = {
+    "cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+    "cifar100": {"train": ["train"], "test": ["test"]},
+}
 LABEL_KEYS = {"cifar10": "labels", "cifar100": "fine_labels"}
 TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
@@ -177,13 +189,16 @@ def _read_idx(path: pathlib.Path, ndim: int) -> Tensor:
     magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
     if magic != 0x800 + ndim:
         found = "no header" if magic is None else f"magic number {magic:#010x}"
-        raise DataFormatError(f"{path} is not an idx file of {ndim}-d unsigned bytes ({found}, "
-                              f"expected {0x800 + ndim:#010x})")  # fmt: skip
+        raise DataFormatError(
+            f"{path} is not an idx file of {ndim}-d unsigned bytes ({found}, expected {0x800 + ndim:#010x})"
+        )
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = data[4 + 4 * ndim :]
     if len(dims) != ndim or len(body) != math.prod(dims):
-        raise DataFormatError(f"{path} holds {len(body):,} bytes of data where its header promises {dims} "
-                              f"= {math.prod(dims):,}: it is truncated or damaged")  # fmt: skip
+        raise DataFormatError(
+            f"{path} holds {len(body):,} bytes of data where its header promises {dims} "
+            f"= {math.prod(dims):,}: it is truncated or damaged"
+        )
     flat = torch.frombuffer(bytearray(body), dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
     return flat.view(*dims)
 
@@ -194,8 +209,7 @@ class _PickleOfArrays(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         import numpy as np
 
-        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                   ("_codecs", "encode"): _latin1}  # fmt: skip
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1}
         if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return np.zeros(1).__reduce__()[0]  # numpy's array reconstructor, wherever numpy keeps it
         if (module, name) in allowed:
@@ -229,8 +243,10 @@ def _read_cifar(path: pathlib.Path, spec: DatasetSpec) -> tuple[Tensor, Tensor]:
     data = batch.get("data")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         shape = getattr(data, "shape", type(data).__name__)
-        raise DataFormatError(f"{path}: 'data' must be a uint8 array of N x 3072 pixels, got {shape} "
-                              f"{getattr(data, 'dtype', '')}".rstrip())  # fmt: skip
+        raise DataFormatError(
+            f"{path}: 'data' must be a uint8 array of N x 3072 pixels, got {shape} "
+            f"{getattr(data, 'dtype', '')}".rstrip()
+        )
     labels = batch[key]
     if len(labels) != len(data):
         raise DataFormatError(f"{path} has {len(data)} images but {len(labels)} labels")
@@ -243,21 +259,25 @@ def _read_split(folder: pathlib.Path, spec: DatasetSpec, split: str) -> tuple[Te
     if spec.format == "idx":
         images, labels = _read_idx(folder / names[0], 3), _read_idx(folder / names[1], 1).to(torch.int64)
         if tuple(images.shape[1:]) != (spec.size, spec.size) or len(images) != len(labels):
-            raise DataFormatError(f"{folder / names[0]} and {names[1]}: {tuple(images.shape)} images of "
-                                  f"{len(labels)} labels, expected N x {spec.size} x {spec.size} images, one label "
-                                  "each")  # fmt: skip
+            raise DataFormatError(
+                f"{folder / names[0]} and {names[1]}: {tuple(images.shape)} images of "
+                f"{len(labels)} labels, expected N x {spec.size} x {spec.size} images, one label "
+                "each"
+            )
     else:
         parts = [_read_cifar(folder / n, spec) for n in names]
         images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     bad = (labels < 0) | (labels >= spec.classes)
     if bool(bad.any()):
-        raise DataFormatError(f"{folder} ({split}): label {int(labels[bad][0])} is outside 0..{spec.classes - 1} "
-                              f"of {spec.name}")  # fmt: skip
+        raise DataFormatError(
+            f"{folder} ({split}): label {int(labels[bad][0])} is outside 0..{spec.classes - 1} of {spec.name}"
+        )
     return images.contiguous(), labels.contiguous()
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = True, *,
-                 timeout: float = 10.0) -> DatasetTensors:  # fmt: skip
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = True, *, timeout: float = 10.0
+) -> DatasetTensors:
     """A whole data set (:data:`stbp.datasets.DATASETS`) as CPU tensors.
 
     Looks under ``data_dir`` (:func:`resolve_data_dir`) in torchvision's layout; if the files are missing and
@@ -290,7 +310,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
 _LOADED: dict[tuple, DatasetTensors] = {}
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, download: bool = True, *,
-               timeout: float = 10.0) -> DatasetTensors:  # fmt: skip
+def load_mnist(
+    data_dir: str | os.PathLike | None = None, download: bool = True, *, timeout: float = 10.0
+) -> DatasetTensors:
     """MNIST: :func:`load_dataset` ``("mnist", ...)``."""
     return load_dataset("mnist", data_dir, download, timeout=timeout)

@@ -18,8 +18,16 @@ from ..config import check_global_batch
 from ..datasets import DATASETS, DatasetSpec
 from .files import DatasetTensors
 
-__all__ = ["MNIST_MEAN", "MNIST_STD", "split_train_val", "epoch_indices", "normalize", "augment", "DeviceDataset",
-           "DeviceMNIST"]
+__all__ = [
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "split_train_val",
+    "epoch_indices",
+    "normalize",
+    "augment",
+    "DeviceDataset",
+    "DeviceMNIST",
+]
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -90,8 +98,9 @@ def epoch_indices(n: int, global_batch: int, world_size: int, rank: int, seed: i
 # ----------------------------------------------------------------------------------------------------------
 
 
-def normalize(images: Tensor, mean: Sequence[float] | Tensor = (MNIST_MEAN,),
-              std: Sequence[float] | Tensor = (MNIST_STD,)) -> Tensor:  # fmt: skip
+def normalize(
+    images: Tensor, mean: Sequence[float] | Tensor = (MNIST_MEAN,), std: Sequence[float] | Tensor = (MNIST_STD,)
+) -> Tensor:
     """uint8 ``[B, H, W]`` (one channel) or ``[B, C, H, W]`` -> float32 ``[B, C, H, W]``, ``(x / 255 - mean) / std``
     per channel (MNIST's constants by default; a ``[1, C, 1, 1]`` tensor of them on the device avoids copies)."""
     x = images.to(torch.float32).div_(255.0)
@@ -104,8 +113,14 @@ def normalize(images: Tensor, mean: Sequence[float] | Tensor = (MNIST_MEAN,),
     return x.sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
 
 
-def augment(images: Tensor, padding: int, hflip: bool, generator: torch.Generator,
-            mean: Sequence[float] | Tensor = (MNIST_MEAN,), std: Sequence[float] | Tensor = (MNIST_STD,)) -> Tensor:
+def augment(
+    images: Tensor,
+    padding: int,
+    hflip: bool,
+    generator: torch.Generator,
+    mean: Sequence[float] | Tensor = (MNIST_MEAN,),
+    std: Sequence[float] | Tensor = (MNIST_STD,),
+) -> Tensor:
     """Random crop with ``padding`` black (0) pixels and optional horizontal flip (p=0.5), then :func:`normalize`.
 
     ``images`` as for :func:`normalize`. Per-sample offsets in ``[0, 2 * padding]`` (and flip coins) are drawn from

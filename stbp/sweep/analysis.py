@@ -58,9 +58,16 @@ def working_region(rows: Sequence[TrialRow], sweep: Sweep, fraction: float = 0.9
             ranges[name] = (min(values), max(values))
         else:
             ranges[name] = tuple(dict.fromkeys(values))  # the choices that work
-    return {"metric": sweep.metrics[0], "fraction": fraction, "best": best, "threshold": threshold,
-            "trials": len(inside), "of": len(scored), "ranges": ranges,
-            "outside": [r.trial_id for r in scored if r not in inside]}
+    return {
+        "metric": sweep.metrics[0],
+        "fraction": fraction,
+        "best": best,
+        "threshold": threshold,
+        "trials": len(inside),
+        "of": len(scored),
+        "ranges": ranges,
+        "outside": [r.trial_id for r in scored if r not in inside],
+    }
 
 
 def pareto_front(rows: Sequence[TrialRow], metrics: Sequence[str], modes: Sequence[str]) -> list[TrialRow]:
@@ -79,5 +86,6 @@ def pareto_front(rows: Sequence[TrialRow], metrics: Sequence[str], modes: Sequen
 
 def is_reference(row: TrialRow) -> bool:
     """The trial ran at the reference setting (v_th 0.4, aa 0.5)."""
-    return all(isinstance(row.params.get(k), (int, float)) and abs(row.params[k] - v) < 1e-9
-               for k, v in REFERENCE.items())
+    return all(
+        isinstance(row.params.get(k), (int, float)) and abs(row.params[k] - v) < 1e-9 for k, v in REFERENCE.items()
+    )

@@ -81,8 +81,16 @@ def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path |
         label=f"best: {sweep.metric} {best.value:.4g}",
     )
     if [name for name, _ in axes] == ["v_th", "aa"]:
-        ax.scatter([REFERENCE["v_th"]], [REFERENCE["aa"]], marker="o", s=260, facecolors="none",
-                   edgecolors="tab:orange", linewidths=2, label="reference setting (v_th 0.4, aa 0.5)")
+        ax.scatter(
+            [REFERENCE["v_th"]],
+            [REFERENCE["aa"]],
+            marker="o",
+            s=260,
+            facecolors="none",
+            edgecolors="tab:orange",
+            linewidths=2,
+            label="reference setting (v_th 0.4, aa 0.5)",
+        )
     setters = (
         (ax.set_xlabel, ax.set_xscale, ax.set_xlim, ax.set_xticks),
         (ax.set_ylabel, ax.set_yscale, ax.set_ylim, ax.set_yticks),
@@ -123,12 +131,18 @@ def plot_slices(rows: Sequence[TrialRow], sweep: Sweep, region: dict | None, pat
     for ax, name in zip(axes[0], names):
         for outcome in sorted({r.outcome for r in scored}):
             group = [r for r in scored if r.outcome == outcome]
-            ax.scatter([coordinates(r)[name] for r in group], [r.value for r in group], s=45, edgecolors="k",
-                       linewidths=0.5, marker=MARKERS.get(outcome, "s"), label=outcome)
+            ax.scatter(
+                [coordinates(r)[name] for r in group],
+                [r.value for r in group],
+                s=45,
+                edgecolors="k",
+                linewidths=0.5,
+                marker=MARKERS.get(outcome, "s"),
+                label=outcome,
+            )
         low, high = region["ranges"][name]
         ax.axvspan(low, high, color="tab:green", alpha=0.12, label="working region")
-        ax.axhline(region["threshold"], color="tab:green", ls="--", lw=1,
-                   label=f"{region['fraction']:.0%} of the best")
+        ax.axhline(region["threshold"], color="tab:green", ls="--", lw=1, label=f"{region['fraction']:.0%} of the best")
         ref = {**REFERENCE, **derived(REFERENCE)}.get(name)
         if ref is not None:
             ax.axvline(ref, color="tab:orange", lw=1, ls=":", label="reference setting")
@@ -156,18 +170,40 @@ def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], sweep: Swee
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    ax.scatter([r.last[x_name] for r in pts], [r.last[y_name] for r in pts], s=40, color="0.6", edgecolors="k",
-               linewidths=0.4, label="trials")
+    ax.scatter(
+        [r.last[x_name] for r in pts],
+        [r.last[y_name] for r in pts],
+        s=40,
+        color="0.6",
+        edgecolors="k",
+        linewidths=0.4,
+        label="trials",
+    )
     line = sorted(front, key=lambda r: r.last[x_name])
-    ax.plot([r.last[x_name] for r in line], [r.last[y_name] for r in line], "-o", color="tab:red", ms=8,
-            drawstyle="steps-post" if sweep.modes[1] == "min" else "default", label="Pareto front")
+    ax.plot(
+        [r.last[x_name] for r in line],
+        [r.last[y_name] for r in line],
+        "-o",
+        color="tab:red",
+        ms=8,
+        drawstyle="steps-post" if sweep.modes[1] == "min" else "default",
+        label="Pareto front",
+    )
     for r in line:
         label = ", ".join(f"{k} {v:.3g}" for k, v in r.params.items() if isinstance(v, (int, float)))
         ax.annotate(label, (r.last[x_name], r.last[y_name]), textcoords="offset points", xytext=(6, -10), fontsize=7)
     ref = [r for r in pts if is_reference(r)]
     if ref:
-        ax.scatter([ref[0].last[x_name]], [ref[0].last[y_name]], marker="*", s=320, color="tab:orange",
-                   edgecolors="k", zorder=5, label="reference setting (v_th 0.4, aa 0.5)")
+        ax.scatter(
+            [ref[0].last[x_name]],
+            [ref[0].last[y_name]],
+            marker="*",
+            s=320,
+            color="tab:orange",
+            edgecolors="k",
+            zorder=5,
+            label="reference setting (v_th 0.4, aa 0.5)",
+        )
     xs = [r.last[x_name] for r in pts if r.last[x_name] > 0]
     if xs and max(xs) / min(xs) > 20:
         ax.set_xscale("log")

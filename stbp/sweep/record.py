@@ -26,8 +26,17 @@ from ..tracking import TrackingError, experiment_id
 if TYPE_CHECKING:
     from .spec import Sweep
 
-__all__ = ["SweepRecord", "SweepCallback", "TrialRow", "COST_METRICS", "open_sweep_record", "child_run", "fail_child",
-           "collect_rows", "mark_parent"]
+__all__ = [
+    "SweepRecord",
+    "SweepCallback",
+    "TrialRow",
+    "COST_METRICS",
+    "open_sweep_record",
+    "child_run",
+    "fail_child",
+    "collect_rows",
+    "mark_parent",
+]
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
@@ -294,6 +303,4 @@ def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
         )
     sign = -1.0 if mode == "max" else 1.0
     # A failed trial (e.g. diverged after a good epoch) never ranks above one that trained to its end.
-    return sorted(
-        rows, key=lambda r: (r.value is None, r.status == "FAILED", sign * (r.value or 0.0), r.trial_id)
-    )
+    return sorted(rows, key=lambda r: (r.value is None, r.status == "FAILED", sign * (r.value or 0.0), r.trial_id))

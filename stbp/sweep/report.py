@@ -16,8 +16,17 @@ from .plots import plot_landscape, plot_pareto, plot_slices
 from .record import COST_METRICS, SweepRecord, TrialRow
 from .spec import Sweep
 
-__all__ = ["report", "write_csv", "format_table", "format_region", "importances", "best_config", "ui_hint",
-           "compare_url", "register_best"]
+__all__ = [
+    "report",
+    "write_csv",
+    "format_table",
+    "format_region",
+    "importances",
+    "best_config",
+    "ui_hint",
+    "compare_url",
+    "register_best",
+]
 
 MIN_TRIALS_FOR_IMPORTANCE = 4
 
@@ -30,22 +39,50 @@ def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path, front: Sequenc
     on_front = {r.trial_id for r in front}
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["rank", "trial_id", *sweep.param_names, *(n.replace("/", "_over_") for n in derived_names),
-                      f"best_{sweep.metrics[0]}", *(f"last_{m}" for m in last),
-                      *(["pareto_optimal"] if sweep.multi_objective else []), "epochs_run", "status", "run_id",
-                      "error"])
+        out.writerow(
+            [
+                "rank",
+                "trial_id",
+                *sweep.param_names,
+                *(n.replace("/", "_over_") for n in derived_names),
+                f"best_{sweep.metrics[0]}",
+                *(f"last_{m}" for m in last),
+                *(["pareto_optimal"] if sweep.multi_objective else []),
+                "epochs_run",
+                "status",
+                "run_id",
+                "error",
+            ]
+        )
         for rank, r in enumerate(rows, 1):
             extra = derived(r.params)
-            out.writerow([rank, r.trial_id, *(r.params[n] for n in sweep.param_names),
-                          *(extra.get(n, "") for n in derived_names), "" if r.value is None else r.value,
-                          *(r.last.get(m, "") for m in last),
-                          *([str(r.trial_id in on_front).lower()] if sweep.multi_objective else []),
-                          r.epochs, r.outcome, r.run_id, r.error[-300:]])
+            out.writerow(
+                [
+                    rank,
+                    r.trial_id,
+                    *(r.params[n] for n in sweep.param_names),
+                    *(extra.get(n, "") for n in derived_names),
+                    "" if r.value is None else r.value,
+                    *(r.last.get(m, "") for m in last),
+                    *([str(r.trial_id in on_front).lower()] if sweep.multi_objective else []),
+                    r.epochs,
+                    r.outcome,
+                    r.run_id,
+                    r.error[-300:],
+                ]
+            )
     return path
 
 
-def write_report(record: SweepRecord, rows: Sequence[TrialRow], sweep: Sweep, files: Sequence[Path],
-                 importances: dict[str, float] | None, region: dict | None, front: Sequence[TrialRow]) -> None:
+def write_report(
+    record: SweepRecord,
+    rows: Sequence[TrialRow],
+    sweep: Sweep,
+    files: Sequence[Path],
+    importances: dict[str, float] | None,
+    region: dict | None,
+    front: Sequence[TrialRow],
+) -> None:
     """Log on the parent run the best trial, the report files, the importances, the working region and the link
     that compares the trials; tag each trial of a multi-objective sweep ``pareto_optimal``; close it FINISHED."""
     client = record.client()
@@ -57,8 +94,12 @@ def write_report(record: SweepRecord, rows: Sequence[TrialRow], sweep: Sweep, fi
     tags = [RunTag("trials", str(len(rows))), RunTag("compare_trials_url", compare_url(record, rows))]
     if region is not None:
         metrics.append(Metric("region.trials", region["trials"], 0, 0))
-        metrics += [Metric(f"region.{name}.{end}", float(v), 0, 0) for name, span in region["ranges"].items()
-                    if all(isinstance(v, (int, float)) for v in span) for end, v in zip(("low", "high"), span)]
+        metrics += [
+            Metric(f"region.{name}.{end}", float(v), 0, 0)
+            for name, span in region["ranges"].items()
+            if all(isinstance(v, (int, float)) for v in span)
+            for end, v in zip(("low", "high"), span)
+        ]
     if sweep.multi_objective:
         on_front = {r.trial_id for r in front}
         for r in rows:
@@ -87,8 +128,9 @@ def register_best(record: SweepRecord, best: TrialRow, name: str | None) -> str 
     if not path.is_file():  # trained on another node: its run has it
         from mlflow.artifacts import download_artifacts
 
-        path = download_artifacts(run_id=best.run_id, artifact_path="checkpoints/best.pt",
-                                  tracking_uri=record.tracking_uri)
+        path = download_artifacts(
+            run_id=best.run_id, artifact_path="checkpoints/best.pt", tracking_uri=record.tracking_uri
+        )
     found = register_checkpoint(path, record.tracking_uri, best.run_id, name)
     record.client().set_tag(record.parent_run_id, "registered_model", found["model_uri"])
     return found["model_uri"]
@@ -105,17 +147,35 @@ def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRo
     derived_names = list(derived(rows[0].params)) if rows else []
     others = list(sweep.metrics[1:])
     cost = [] if "sops_per_image" in others else ["sops_per_image"]
-    header = ["rank", "trial", *names, *derived_names, f"best {sweep.metrics[0]}", *others, *cost,
-              *(["pareto"] if sweep.multi_objective else []), "epochs", "status"]
+    header = [
+        "rank",
+        "trial",
+        *names,
+        *derived_names,
+        f"best {sweep.metrics[0]}",
+        *others,
+        *cost,
+        *(["pareto"] if sweep.multi_objective else []),
+        "epochs",
+        "status",
+    ]
     on_front = {r.trial_id for r in front}
     body = []
     for rank, r in enumerate(rows, 1):
         extra = derived(r.params)
-        body.append([str(rank), r.trial_id, *(_g(r.params[n]) for n in names),
-                     *(_g(extra.get(n, "-")) for n in derived_names), "-" if r.value is None else f"{r.value:.4g}",
-                     *(_g(r.last.get(m, "-")) for m in (*others, *cost)),
-                     *(["*" if r.trial_id in on_front else ""] if sweep.multi_objective else []),
-                     str(r.epochs), r.outcome])
+        body.append(
+            [
+                str(rank),
+                r.trial_id,
+                *(_g(r.params[n]) for n in names),
+                *(_g(extra.get(n, "-")) for n in derived_names),
+                "-" if r.value is None else f"{r.value:.4g}",
+                *(_g(r.last.get(m, "-")) for m in (*others, *cost)),
+                *(["*" if r.trial_id in on_front else ""] if sweep.multi_objective else []),
+                str(r.epochs),
+                r.outcome,
+            ]
+        )
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -124,11 +184,16 @@ def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRo
 
 def format_region(region: dict) -> str:
     """Where the network works, in one line per coordinate."""
-    lines = [f"Where it works: {region['trials']} of {region['of']} trials reach {region['fraction']:.0%} of the "
-             f"best {region['metric']} ({region['best']:.4g}; threshold {region['threshold']:.4g}):"]
+    lines = [
+        f"Where it works: {region['trials']} of {region['of']} trials reach {region['fraction']:.0%} of the "
+        f"best {region['metric']} ({region['best']:.4g}; threshold {region['threshold']:.4g}):"
+    ]
     for name, span in region["ranges"].items():
-        text = (f"{span[0]:.3g} to {span[1]:.3g}" if all(isinstance(v, (int, float)) for v in span)
-                else ", ".join(map(str, span)))
+        text = (
+            f"{span[0]:.3g} to {span[1]:.3g}"
+            if all(isinstance(v, (int, float)) for v in span)
+            else ", ".join(map(str, span))
+        )
         lines.append(f"  {name:<10} {text}")
     return "\n".join(lines)
 
@@ -144,8 +209,9 @@ def compare_url(record: SweepRecord, rows: Sequence[TrialRow]) -> str:
     from urllib.parse import quote
 
     runs = json.dumps([r.run_id for r in rows], separators=(",", ":"))
-    return (f"{_ui_base(record)}/#/compare-runs?runs={quote(runs)}"
-            f"&experiments={quote(json.dumps([record.experiment_id]))}")
+    return (
+        f"{_ui_base(record)}/#/compare-runs?runs={quote(runs)}&experiments={quote(json.dumps([record.experiment_id]))}"
+    )
 
 
 def ui_hint(record: SweepRecord, rows: Sequence[TrialRow] = ()) -> str:
@@ -233,11 +299,13 @@ def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: P
     if region is not None:
         print(format_region(region))
     if sweep.multi_objective:
-        print(f"Pareto front ({', '.join(f'{m} {d}' for m, d in zip(sweep.metrics, sweep.modes))}): "
-              f"{len(front)} of {len(rows)} trials, tagged pareto_optimal=true: {', '.join(r.trial_id for r in front)}")
+        print(
+            f"Pareto front ({', '.join(f'{m} {d}' for m, d in zip(sweep.metrics, sweep.modes))}): "
+            f"{len(front)} of {len(rows)} trials, tagged pareto_optimal=true: {', '.join(r.trial_id for r in front)}"
+        )
     print(f"Train it fully: python train_ddp.py --config {out / 'best_config.yaml'}")
     if registered:
-        print(f"Its model: mlflow.pytorch.load_model(\"{registered}\") (Model Registry)")
+        print(f'Its model: mlflow.pytorch.load_model("{registered}") (Model Registry)')
     if scores:
         print("Parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     print(f"Report files: {out}")

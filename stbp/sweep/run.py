@@ -39,8 +39,11 @@ def _searcher(sweep: Sweep):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune reports the trials already
     s = sweep.search
-    sampler_cls = {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler,
-                   "random": optuna.samplers.RandomSampler}[s.sampler]
+    sampler_cls = {
+        "tpe": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "random": optuna.samplers.RandomSampler,
+    }[s.sampler]
     searcher = OptunaSearch(  # with several metrics, Optuna's study has one direction per metric
         space={name: p.distribution() for name, p in sweep.space.items()},
         metric=list(sweep.metrics) if sweep.multi_objective else sweep.metric,
@@ -73,9 +76,7 @@ def _tuner(sweep: Sweep, plan: TrialPlan, sweep_dir: Path, resume: bool):
 
     # Tune warns whenever checkpoints force frequent state snapshots: here that is by design (exact resume).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = tune.with_resources(
-        tune.with_parameters(stbp_trial, plan=plan), trial_resources(sweep.resources)
-    )
+    trainable = tune.with_resources(tune.with_parameters(stbp_trial, plan=plan), trial_resources(sweep.resources))
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         # Finished trials stay finished; the searcher's state and the callbacks come back from the directory.
         # (Tune keeps no scheduler state: ASHA's rungs start empty again, so it stops less right after.)
@@ -125,9 +126,10 @@ def _resolve_sweep(sweep: Sweep, storage: Path, resume: bool | str) -> Sweep:
     runs = _instances(storage, sweep.name)
     if isinstance(resume, str):
         suffix = resume[len(sweep.name) + 1 :]
-        _require(resume == sweep.name or (resume.startswith(f"{sweep.name}-") and suffix.isdigit()),
-                 f"--resume {resume}: not a sweep of this file, whose sweeps are named {sweep.name}, "
-                 f"{sweep.name}-2, ...")
+        _require(
+            resume == sweep.name or (resume.startswith(f"{sweep.name}-") and suffix.isdigit()),
+            f"--resume {resume}: not a sweep of this file, whose sweeps are named {sweep.name}, {sweep.name}-2, ...",
+        )
         name = resume
     elif resume:
         _require(bool(runs), f"nothing to resume: no sweep {sweep.name!r} in {storage} (see --storage)")

@@ -34,15 +34,39 @@ from ..validation import Rule, Word, build, did_you_mean, init_fields, load_yaml
 from .errors import SweepError
 from .space import PARAMS, Choice, IntRange, Param, Range
 
-__all__ = ["SweepError", "Range", "IntRange", "Choice", "Search", "Scheduler", "Resources", "Failures", "Mlflow",
-           "Checkpoints", "Sweep", "load_sweep", "sweep_to_dict", "sweep_yaml", "METRICS", "TRIAL_OWNED_FIELDS"]
+__all__ = [
+    "SweepError",
+    "Range",
+    "IntRange",
+    "Choice",
+    "Search",
+    "Scheduler",
+    "Resources",
+    "Failures",
+    "Mlflow",
+    "Checkpoints",
+    "Sweep",
+    "load_sweep",
+    "sweep_to_dict",
+    "sweep_yaml",
+    "METRICS",
+    "TRIAL_OWNED_FIELDS",
+]
 
 
 #: The metrics the trainer reports every epoch that a sweep can optimise (the spike cost is the validation set's).
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", *SPIKE_COST)
 #: Training fields every trial sets for itself: a sweep may neither set nor search them.
-TRIAL_OWNED_FIELDS = ("output_dir", "resume", "run_id", "tracking_uri", "experiment", "mlflow", "run_name",
-                      "register_model")
+TRIAL_OWNED_FIELDS = (
+    "output_dir",
+    "resume",
+    "run_id",
+    "tracking_uri",
+    "experiment",
+    "mlflow",
+    "run_name",
+    "register_model",
+)
 
 sweep_section = functools.partial(section, error=SweepError)
 AtLeast1 = Annotated[int, Field(ge=1)]
@@ -209,8 +233,10 @@ def _read_space(raw: Any, base: Config) -> dict[str, Param]:
         if name in TRIAL_OWNED_FIELDS:
             raise SweepError(f"{where} cannot be searched: each trial sets it for itself")
         if name not in searchable:
-            raise SweepError(f"{where} is not a training config field{did_you_mean(name, searchable)}; "
-                             f"valid fields: {', '.join(searchable)}")
+            raise SweepError(
+                f"{where} is not a training config field{did_you_mean(name, searchable)}; "
+                f"valid fields: {', '.join(searchable)}"
+            )
         if not isinstance(spec, Mapping):
             raise SweepError(f"{where} must be a mapping like {{type: uniform, low: 0.2, high: 0.8}}, got {spec!r}")
         if spec.get("type") not in PARAMS:
@@ -240,8 +266,10 @@ def _read_points(points: Any, space: Mapping[str, Param]) -> tuple[dict, ...]:
         missing = [n for n in space if n not in point]
         if missing:
             raise SweepError(f"{at} is missing {', '.join(missing)} (every searched parameter needs a value)")
-        values = {n: float(v) if isinstance(p, Range) and type(v) is int else v
-                  for (n, p), v in zip(space.items(), (point[n] for n in space))}  # fmt: skip
+        values = {
+            n: float(v) if isinstance(p, Range) and type(v) is int else v
+            for (n, p), v in zip(space.items(), (point[n] for n in space))
+        }
         for n, p in space.items():
             if not p.contains(values[n]):
                 raise SweepError(f"{at}.{n} = {values[n]!r} is outside space.{n} {p.describe()}")
@@ -266,8 +294,10 @@ def _read_objectives(metric: Any, mode: Any) -> tuple[Any, Any]:
     else:
         modes = list(mode) if isinstance(mode, (list, tuple)) else [mode]
         if isinstance(mode, (list, tuple)) != many or len(modes) != len(metrics):
-            raise SweepError(f"metric and mode must have the same length: metric is {metric!r}, mode {mode!r} "
-                             "(one mode per metric: max or min)")
+            raise SweepError(
+                f"metric and mode must have the same length: metric is {metric!r}, mode {mode!r} "
+                "(one mode per metric: max or min)"
+            )
         for i, m in enumerate(modes):
             if m not in ("max", "min"):
                 where = f"mode[{i}]" if many else "mode"
@@ -285,11 +315,15 @@ def _read_scheduler(raw: Any, epochs: int, metric: Any = "val_acc") -> Scheduler
         )
     max_t = sched.max_t or epochs
     if sched.type == "asha" and max_t > epochs:
-        raise SweepError(f"scheduler.max_t ({max_t}) exceeds the trial's epochs ({epochs}); lower it or leave "
-                         "it out (it defaults to epochs)")
+        raise SweepError(
+            f"scheduler.max_t ({max_t}) exceeds the trial's epochs ({epochs}); lower it or leave "
+            "it out (it defaults to epochs)"
+        )
     if sched.type == "asha" and sched.grace_period >= max_t:
-        raise SweepError(f"scheduler.grace_period ({sched.grace_period}) must be < max_t ({max_t}): ASHA stops "
-                         "trials only at rungs before a trial's last epoch (or set `scheduler: none`)")
+        raise SweepError(
+            f"scheduler.grace_period ({sched.grace_period}) must be < max_t ({max_t}): ASHA stops "
+            "trials only at rungs before a trial's last epoch (or set `scheduler: none`)"
+        )
     return sched
 
 
@@ -316,8 +350,10 @@ def load_sweep(
         raw.pop("mode", None)
         sched = raw.get("scheduler") or {}
         if len(metric) > 1 and (sched.get("type", "asha") if isinstance(sched, Mapping) else sched) == "asha":
-            print(f"[sweep] {len(metric)} metrics: a multi-objective sweep, so ASHA (which ranks trials by one) is "
-                  "off: every trial runs all its epochs")
+            print(
+                f"[sweep] {len(metric)} metrics: a multi-objective sweep, so ASHA (which ranks trials by one) is "
+                "off: every trial runs all its epochs"
+            )
             raw["scheduler"] = "none"
     try:
         sweep = _build_sweep(raw, train_cli, num_samples, tracking_uri)
@@ -350,38 +386,53 @@ def _build_sweep(raw: dict, train_cli, num_samples, tracking_uri) -> Sweep:
     metric, mode = _read_objectives(raw.get("metric", "val_acc"), raw.get("mode"))
     counted = [m for m in ((metric,) if isinstance(metric, str) else metric) if m in SPIKE_COST]
     if counted and not train.run.firing_rates:
-        raise SweepError(f"metric {', '.join(counted)} is counted during validation with the firing rates: "
-                         "train.firing_rates must stay true")
+        raise SweepError(
+            f"metric {', '.join(counted)} is counted during validation with the firing rates: "
+            "train.firing_rates must stay true"
+        )
     search_raw = _section(raw, "search", num_samples=num_samples)
     points = search_raw.pop("points_to_evaluate", ()) if isinstance(search_raw, Mapping) else ()
     search = build(Search, search_raw, "search")
     points = _read_points(points, space)
     if search.num_samples < len(points):
-        raise SweepError(f"search.num_samples ({search.num_samples}) is smaller than the {len(points)} "
-                         "points_to_evaluate")
+        raise SweepError(
+            f"search.num_samples ({search.num_samples}) is smaller than the {len(points)} points_to_evaluate"
+        )
     resources = build(Resources, raw.get("resources"), "resources")
     try:
         check_global_batch(train.run.batch_size, resources.workers, "resources.workers")
     except ConfigError as exc:
         raise SweepError(f"train.{exc}") from None
-    sections = {key: build(cls, raw.get(key), key) for key, cls in (("failures", Failures),
-                                                                    ("checkpoints", Checkpoints))}  # fmt: skip
+    sections = {
+        key: build(cls, raw.get(key), key) for key, cls in (("failures", Failures), ("checkpoints", Checkpoints))
+    }
     sections["mlflow"] = mlflow = build(Mlflow, _section(raw, "mlflow", tracking_uri=tracking_uri), "mlflow")
     if mlflow.registered_model is not None and isinstance(raw["name"], str):  # the name is checked below
         name = mlflow.registered_model.replace("{name}", raw["name"])
         sections["mlflow"] = dataclasses.replace(mlflow, registered_model=name)
-    return build(Sweep, dict(
-        name=raw["name"], train=train, space=space, search=dataclasses.replace(search, points_to_evaluate=points),
-        scheduler=_read_scheduler(raw.get("scheduler"), train.run.epochs, metric), metric=metric,
-        mode=mode, resources=resources, **sections,
-    ))  # fmt: skip
+    return build(
+        Sweep,
+        dict(
+            name=raw["name"],
+            train=train,
+            space=space,
+            search=dataclasses.replace(search, points_to_evaluate=points),
+            scheduler=_read_scheduler(raw.get("scheduler"), train.run.epochs, metric),
+            metric=metric,
+            mode=mode,
+            resources=resources,
+            **sections,
+        ),
+    )
 
 
 def sweep_to_dict(sweep: Sweep) -> dict[str, Any]:
     """The resolved sweep as plain data (what ran, command-line overrides included), e.g. for YAML."""
     out = {"name": sweep.name, "train": config_to_dict(sweep.train)}
-    out["space"] = {n: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
-                    for n, p in sweep.space.items()}  # fmt: skip
+    out["space"] = {
+        n: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
+        for n, p in sweep.space.items()
+    }
     for key in ("search", "scheduler", "resources", "failures", "mlflow", "checkpoints"):
         out[key] = dataclasses.asdict(getattr(sweep, key))
     out["search"]["points_to_evaluate"] = [dict(p) for p in sweep.search.points_to_evaluate]

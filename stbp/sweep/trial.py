@@ -17,8 +17,17 @@ from .spec import Resources
 __all__ = ["TrialPlan", "stbp_trial", "trial_config", "trial_resources", "trial_dirname", "restore_checkpoint"]
 
 #: Reported to Tune in this order: its live table shows the first four.
-TUNE_METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", "epoch", "lr", "epoch_time_s", "images_per_s",
-                *SPIKE_COST)
+TUNE_METRICS = (
+    "val_acc",
+    "val_loss",
+    "train_acc",
+    "train_loss",
+    "epoch",
+    "lr",
+    "epoch_time_s",
+    "images_per_s",
+    *SPIKE_COST,
+)
 
 
 @dataclass(frozen=True)
