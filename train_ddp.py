@@ -1,54 +1,26 @@
-"""Train the spiking ResNet-19: ``python train_ddp.py`` or ``torchrun --nproc-per-node=N train_ddp.py``.
+"""Train the spiking ResNet-19: ``python train_ddp.py`` or ``torchrun --standalone --nproc-per-node=N train_ddp.py``.
 
-    train_ddp.py [--config FILE.yaml] [--preset NAME] [--field value ...]
-    train_ddp.py --help | --schema
-
-Without ``--preset`` (and without a config file that names one), the preset fits the hardware: ``seed``, the
-reference's setting, where there are GPUs, else ``cpu``; the first line printed says which.
-Every config field can be given as ``--field value`` (dashes or underscores, or dotted: ``--model.v_th``);
-``--help`` lists them with their defaults, ``--schema`` prints the JSON Schema of a config file.
+Without --preset (and without a --config file that names one), the preset fits the hardware: 'seed', the
+reference's setting, where there are GPUs, else 'cpu'; the first line printed says which. Every config field is
+an option, --field VALUE or --section.field VALUE (dashes work too: --batch-size); --schema prints the JSON
+Schema of a --config file.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
 def parse_args(argv: list[str]):
-    from stbp.config import ConfigError, build_config, load_yaml, preset_names
+    from stbp.config import build_config, config_parser, load_yaml, parse_args, train_schema
 
-    config_path = preset = None
-    rest: list[str] = []
-    it = iter(argv)
-    for arg in it:
-        key, _, inline = arg.partition("=")
-        if key in ("--config", "--preset"):
-            value = inline or next(it, None)
-            if value is None:
-                raise ConfigError(f"{key} needs a value")
-            if key == "--config":
-                config_path = value
-            else:
-                preset = value
-        elif arg in ("-h", "--help", "--help-fields"):
-            from stbp.schema import fields_help
-
-            print(__doc__)
-            print("presets (stbp/presets/):", ", ".join(preset_names()))
-            print(fields_help())
-            sys.exit(0)
-        elif arg == "--schema":
-            import json
-
-            from stbp.schema import train_schema
-
-            print(json.dumps(train_schema(), indent=2))
-            sys.exit(0)
-        else:
-            rest.append(arg)
-    if preset is None and (config_path is None or "preset" not in load_yaml(config_path)):
+    raw = argparse.RawDescriptionHelpFormatter
+    args, fields = parse_args(config_parser(schema=train_schema, description=__doc__, formatter_class=raw), argv)
+    config, preset = getattr(args, "config", None), getattr(args, "preset", None)
+    if preset is None and (config is None or "preset" not in load_yaml(config)):
         preset = hardware_preset()
-    return build_config(preset=preset, yaml_path=config_path, cli=rest)
+    return build_config(preset=preset, yaml_path=config, cli=fields)
 
 
 def hardware_preset() -> str:
@@ -60,9 +32,7 @@ def hardware_preset() -> str:
     gpus = torch.cuda.device_count()
     preset, why = ("seed", f"the reference's setting, on {gpus} GPU(s)") if gpus else ("cpu", "no GPU here")
     if os.environ.get("RANK", "0") == "0":
-        print(
-            f"[stbp] preset {preset!r} ({why}); --preset NAME chooses another, e.g. gpu, cpu, tiny, cifar10", flush=True
-        )
+        print(f"[stbp] preset {preset!r} ({why}); --preset NAME chooses another, e.g. gpu, cpu, tiny, cifar10")
     return preset
 
 
@@ -74,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from stbp.train import TrainingDiverged, train
 
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        train(cfg)
+        train(parse_args(sys.argv[1:] if argv is None else argv))
     except (ConfigError, DataNotFoundError, DataFormatError, TrackingError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,82 +1,58 @@
-"""Validated run configuration: a tree of frozen dataclasses (:mod:`stbp.validation`).
+"""Validated run configuration: a tree of frozen dataclasses (:mod:`stbp.validation`), one section per concern.
 
-Every leaf field name is unique across the tree, so a field can be addressed flat (``v_th``), dotted
-(``model.v_th``) or nested by section. :func:`build_config` layers, lowest first, ``defaults < preset < YAML file <
-overrides mapping < CLI list`` and validates each layer as it applies it, so an error names where it came from.
-Wherever a config is made, every value is checked for type and range and refused with a :class:`ConfigError` that
-names the field, the bad value and what is allowed; :mod:`stbp.schema` publishes the same rules as a JSON Schema.
+Every field name is unique across the tree, so a mapping (a YAML file, an overrides dict) may give a field flat
+(``v_th: 0.3``) or nested by section (``model: {v_th: 0.3}``); on the command line it is ``--v_th 0.3`` or
+``--model.v_th 0.3``. :func:`build_config` layers, lowest first, ``defaults < preset < YAML file < overrides <
+command line`` and validates the result; an error names the dotted key, the value and the layer it came from.
 Imports only the standard library, pydantic and PyYAML.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import difflib
-import functools
+import json
 import os
 import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter
 
 from .datasets import DATASETS, dataset_defaults
-from .validation import ConfigError, Note, Rule, describe, load_yaml, section, type_word, unwrap
+from .validation import Bool, ConfigError, Float, Int, Str, did_you_mean, load_yaml, parse_yaml, section, validate
 
-__all__ = [
-    "ConfigError",
-    "ModelConfig",
-    "DataConfig",
-    "OptimConfig",
-    "RunConfig",
-    "TrackingConfig",
-    "Config",
-    "PRESETS",
-    "preset_names",
-    "field_names",
-    "build_config",
-    "apply_overrides",
-    "parse_cli",
-    "config_to_dict",
-    "config_from_dict",
-    "flatten_config",
-    "flatten_mapping",
-    "save_yaml",
-    "load_yaml",
-    "check_global_batch",
-]
-
-Positive = Annotated[float, Field(gt=0)]
-NonEmpty = Annotated[str, Field(pattern=r"\S")]
+Positive = Annotated[Float, Field(gt=0)]
+NonEmpty = Annotated[Str, Field(pattern=r"\S")]
+AtLeast1 = Annotated[Int, Field(ge=1)]
 
 
 @section
 class ModelConfig:
     """Spiking ResNet (STBP + tdBN) architecture and neuron parameters."""
 
-    in_channels: Annotated[int, Field(ge=1)] = 1
+    in_channels: AtLeast1 = 1
     """Input image channels."""
-    num_classes: Annotated[int, Field(ge=2)] = 10
+    num_classes: Annotated[Int, Field(ge=2)] = 10
     """Number of output classes."""
-    timesteps: Annotated[int, Field(ge=1)] = 2
+    timesteps: AtLeast1 = 2
     """Simulation timesteps T per input."""
     v_th: Positive = 0.4
     """LIF firing threshold."""
     aa: Positive = 0.5
     """Surrogate-gradient half-width (rectangular window around v_th)."""
-    tau: Annotated[float, Field(gt=0, le=1)] = 0.25
+    tau: Annotated[Float, Field(gt=0, le=1)] = 0.25
     """Membrane decay factor in (0, 1]."""
     width: Positive = 1.0
     """Channel-width multiplier."""
     readout: Literal["mean", "spikes"] = "mean"
     """Output readout: 'mean' (mean membrane/logit over T) or 'spikes' (spike counts)."""
-    sync_bn: bool = False
+    sync_bn: Bool = False
     """Synchronise tdBN statistics across DDP ranks."""
-    fast_lif: bool = True
+    fast_lif: Bool = True
     """Use the fused/fast LIF implementation."""
 
 
@@ -88,21 +64,21 @@ class DataConfig:
     """The data set (stbp/datasets.py); setting it also sets in_channels, num_classes and hflip unless given too."""
     data_dir: NonEmpty | None = None
     """Dataset root; None means $STBP_DATA_DIR if set, else ./data (resolved by the data module)."""
-    train_size: Annotated[int, Field(ge=0), Note("0 = all")] = 0
+    train_size: Annotated[Int, Field(ge=0)] = 0
     """0 = the whole training split (54,000 images); otherwise its first N images."""
-    val_size: int = 6000
+    val_size: Int = 6000
     """Images held out of the official training images for validation (early stopping needs some)."""
-    test_size: Annotated[int, Field(ge=0, le=10_000), Note("0 = all")] = 0
+    test_size: Annotated[Int, Field(ge=0, le=10_000)] = 0
     """0 = the whole official test set (10,000 images); otherwise its first N (quick runs and tests only)."""
-    crop_padding: Annotated[int, Field(ge=0), Note("0 = off")] = 4
+    crop_padding: Annotated[Int, Field(ge=0)] = 4
     """Zero-padding for the random crop; 0 disables random cropping."""
-    hflip: bool = False
+    hflip: Bool = False
     """Random horizontal flips."""
-    download: bool = True
+    download: Bool = True
     """Download the dataset if it is missing."""
 
 
-Beta = Annotated[float, Field(ge=0, lt=1)]
+Beta = Annotated[Float, Field(ge=0, lt=1)]
 
 
 @section
@@ -113,33 +89,33 @@ class OptimConfig:
     """One of 'adam', 'adamw', 'sgd'."""
     lr: Positive = 1e-3
     """Peak learning rate."""
-    betas: Annotated[tuple[Beta, Beta], Field(strict=False)] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     """Adam/AdamW betas."""
     eps: Positive = 1e-8
     """Adam/AdamW epsilon."""
-    momentum: Annotated[float, Field(ge=0)] = 0.9
+    momentum: Annotated[Float, Field(ge=0)] = 0.9
     """SGD momentum (sgd only)."""
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     """Weight decay (decoupled for adamw, L2 for adam/sgd)."""
     schedule: Literal["step", "cosine", "none"] = "step"
     """LR schedule: 'step', 'cosine' or 'none'."""
-    lr_step_epochs: Annotated[int, Field(ge=1)] = 10
+    lr_step_epochs: AtLeast1 = 10
     """Step schedule: multiply the LR by lr_gamma every this many epochs."""
-    lr_gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    lr_gamma: Annotated[Float, Field(gt=0, le=1)] = 0.1
     """Step schedule decay factor in (0, 1]."""
-    warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    warmup_epochs: Annotated[Float, Field(ge=0)] = 0.0
     """Linear warm-up epochs before the schedule (may be fractional: 0.3 = the first 30% of epoch 1)."""
-    grad_clip: Annotated[float | None, Field(gt=0), Note("None = off")] = None
+    grad_clip: Positive | None = None
     """Max global gradient norm; None = no clipping."""
     loss: Literal["ce", "tet"] = "ce"
     """'ce': cross-entropy of the time-mean output; 'tet': TET (Deng et al. 2022), cross-entropy at every step."""
-    tet_lambda: Annotated[float, Field(ge=0, lt=1)] = 1e-3
+    tet_lambda: Annotated[Float, Field(ge=0, lt=1)] = 1e-3
     """TET: weight of the regulariser that pulls every step's output towards tet_phi (0 = none)."""
-    tet_phi: float = 1.0
+    tet_phi: Float = 1.0
     """TET: the regulariser's target value."""
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    label_smoothing: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     """Label smoothing of the training cross-entropy (0 = off); validation and test losses stay plain."""
-    ema_decay: Annotated[float, Field(ge=0, lt=1), Note("0 = off")] = 0.0
+    ema_decay: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     """Decay of an EMA of the weights that validation, test and best.pt use (0 = off; e.g. 0.999)."""
 
 
@@ -147,29 +123,29 @@ class OptimConfig:
 class RunConfig:
     """Training loop, precision, device, output and checkpoint resumption."""
 
-    epochs: Annotated[int, Field(ge=1)] = 11
+    epochs: AtLeast1 = 11
     """Training epochs."""
-    batch_size: Annotated[int, Field(ge=1)] = 64
+    batch_size: AtLeast1 = 64
     """GLOBAL training batch size, split evenly across DDP ranks."""
-    eval_batch_size: Annotated[int, Field(ge=1)] = 1000
+    eval_batch_size: AtLeast1 = 1000
     """Global evaluation batch size."""
-    patience: Annotated[int, Field(ge=0), Note("0 = off")] = 5
+    patience: Annotated[Int, Field(ge=0)] = 5
     """Early stopping: epochs without validation-loss improvement; 0 disables."""
-    seed: int = 0
+    seed: Int = 0
     """Random seed."""
     amp: Literal["auto", "bf16", "off"] = "auto"
     """Mixed precision: 'auto' (bf16 autocast on CUDA and on CPUs with native bf16), 'bf16' or 'off'."""
-    compile: bool = False
+    compile: Bool = False
     """torch.compile the model (for CUDA: on an AVX2 CPU it made training 5-6x slower; BENCHMARKS.md)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     output_dir: NonEmpty = "runs/default"
     """Directory for checkpoints, metrics and artifacts."""
-    resume: Annotated[str, Field(pattern=r"\S"), Rule("must be 'auto', 'never' or a checkpoint path")] = "auto"
+    resume: NonEmpty = "auto"
     """'auto': continue from output_dir/checkpoints/last.pt if present; 'never': start afresh; else a checkpoint."""
-    log_interval: Annotated[int, Field(ge=1)] = 50
+    log_interval: AtLeast1 = 50
     """Log training metrics every this many steps."""
-    firing_rates: bool = True
+    firing_rates: Bool = True
     """Record per-layer firing rates."""
 
 
@@ -183,18 +159,14 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: NonEmpty | None = None
     """MLflow run name; None = generated."""
-    mlflow: bool = True
+    mlflow: Bool = True
     """Log to MLflow when it is installed."""
     run_id: NonEmpty | None = None
     """Attach to this existing MLflow run (used by sweeps)."""
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[NonEmpty, Str] = field(default_factory=dict)
     """Extra MLflow run tags."""
     register_model: NonEmpty | None = None
     """At the end, log the best checkpoint as an MLflow PyTorch model and register it under this name (None: off)."""
-
-    def __post_init__(self) -> None:
-        if any(not key.strip() for key in self.tags):
-            raise ValueError(f"tags keys must be non-empty strings, got {list(self.tags)!r}")
 
 
 @section
@@ -212,192 +184,71 @@ class Config:
     def __post_init__(self) -> None:
         split = DATASETS[self.data.dataset].train_size
         if not 1 <= self.data.val_size < split:
-            raise ValueError(
-                f"val_size must be in [1, {split}) (early stopping needs a validation set; "
-                f"{self.data.dataset} has {split:,} training images), got {self.data.val_size}"
-            )
+            raise ValueError(f"data.val_size must be in [1, {split}) for {self.data.dataset}, got {self.data.val_size}")
 
 
 SECTIONS = types.MappingProxyType({f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "preset"})
-#: Leaf field name -> its section name; leaf field name -> pydantic's field info (type, doc, default).
+#: Field name -> its section's name; field name -> pydantic's field info (type, doc, default).
 SECTION_OF = types.MappingProxyType({name: sec for sec, cls in SECTIONS.items() for name in cls.__pydantic_fields__})
 FIELDS = types.MappingProxyType({n: SECTIONS[s].__pydantic_fields__[n] for n, s in SECTION_OF.items()})
-assert len(SECTION_OF) == sum(len(c.__pydantic_fields__) for c in SECTIONS.values()), "leaf names must be unique"
+assert len(SECTION_OF) == sum(len(c.__pydantic_fields__) for c in SECTIONS.values()), "field names must be unique"
+#: Fields that say where a run's records go, not what it trains: MLflow tags rather than parameters, so that
+#: comparing runs compares what defines them (a sweep's trials set most of them themselves).
+BOOKKEEPING_FIELDS = tuple(
+    "output_dir data_dir resume run_id run_name tracking_uri experiment mlflow register_model tags".split()
+)
 
 
 def field_names() -> list[str]:
-    """All flat leaf field names, sorted (``preset`` is not one)."""
+    """All field names, sorted (``preset`` is not one)."""
     return sorted(SECTION_OF)
 
 
 def check_global_batch(batch_size: int, parts: int, what: str = "the number of ranks") -> None:
     """A global batch is split evenly: refuse one that ``parts`` (ranks, Ray Train workers) do not divide."""
     if parts < 1 or batch_size % parts:
-        raise ConfigError(f"batch_size ({batch_size}, global) must be divisible by {what} ({parts})")
+        raise ConfigError(f"run.batch_size must be divisible by {what} ({parts}), got {batch_size}")
 
 
-# Keys: flat, dotted or nested by section
-
-
-def _unknown_field(key: str, where: str = "") -> ConfigError:
-    names = field_names()
-    leaf = key.rsplit(".", 1)[-1].replace("-", "_")
-    candidates = names + list(SECTIONS)
-    squashed = {c.replace("_", ""): c for c in candidates}  # 'batchsize' finds 'batch_size'
-    close = difflib.get_close_matches(leaf, candidates, n=1) or [
-        squashed[c] for c in difflib.get_close_matches(leaf.replace("_", ""), list(squashed), n=1)
-    ]
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown config field {key!r}{hint}{where}; valid fields: {', '.join(names)}")
-
-
-def _leaf(key: Any, where: str = "", section: str | None = None) -> str:
-    """The flat leaf name of a flat or dotted key (or of a key inside ``section``)."""
-    if not isinstance(key, str):
-        raise ConfigError(f"config keys must be strings, got {key!r} ({type(key).__name__}){where}")
-    shown = f"{section}.{key}" if section else key
-    if section is None and "." in key:
-        section, _, key = key.partition(".")
-        if section not in SECTIONS:
-            raise _unknown_field(shown, where)
-    if key not in SECTION_OF:
-        raise _unknown_field(shown, where)
-    if section is not None and SECTION_OF[key] != section:
-        raise ConfigError(f"config field {key!r} belongs to section {SECTION_OF[key]!r}, not {section!r}{where}")
-    return key
-
-
-def flatten_mapping(data: Mapping[str, Any], where: str = "", allow_preset: bool = False) -> dict[str, Any]:
-    """``{leaf: value}`` (and ``preset`` where allowed) of a mapping whose keys are flat, dotted or nested by
-    section; the values are not checked yet."""
-    pairs: list[tuple[str, Any, str]] = []
-    for key, value in data.items():
-        if key == "preset":
-            if not allow_preset:
-                raise ConfigError(f"'preset' cannot be set here{where}; pass preset=... to build_config")
-            pairs.append(("preset", value, key))
-        elif key in SECTIONS:
-            if value is None:
-                continue  # an empty section in YAML (`model:`)
-            if not isinstance(value, Mapping):
-                raise ConfigError(
-                    f"section {key!r} must be a mapping of fields, got {value!r} ({type(value).__name__}){where}"
-                )
-            pairs += [(_leaf(sub, where, key), v, f"{key}.{sub}") for sub, v in value.items()]
-        else:
-            pairs.append((_leaf(key, where), value, key))
+def flatten(data: Any, where: str = "") -> dict[str, Any]:
+    """``{field: value}`` (and ``preset``) of a mapping whose keys are fields, or sections of fields."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config{where} must be a mapping of fields, got {data!r}")
     out: dict[str, Any] = {}
-    for name, value, shown in pairs:
-        if name in out:
-            raise ConfigError(f"config field {name!r} is given more than once (again as {shown!r}){where}")
-        out[name] = value
+    for key, value in data.items():
+        if key in SECTIONS and not isinstance(value, Mapping | None):
+            raise ConfigError(f"{key}{where}: a section must be a mapping of its fields, got {value!r}")
+        for name, v in (value or {}).items() if key in SECTIONS else [(key, value)]:
+            if name not in FIELDS and name != "preset":
+                shown = f"{key}.{name}" if key in SECTIONS else name
+                raise ConfigError(f"unknown key {shown!r}{where}{did_you_mean(name, [*FIELDS, *SECTIONS])}")
+            if name in out:
+                raise ConfigError(f"{SECTION_OF[name]}.{name}{where} is given twice")
+            out[name] = v
     return out
 
 
-def _with_values(cfg: Config, flat: Mapping[str, Any], where: str = "") -> Config:
-    """A new Config with the given flat leaf values (and ``preset``) replaced, validated."""
-    changes: dict[str, Any] = {}
-    if flat.get("dataset") in DATASETS:  # what the data set decides, unless given with it
-        flat = {**dataset_defaults(flat["dataset"]), **flat}
+def _build(layers: Sequence[tuple[str, Any]], base: Mapping[str, Any] | None = None) -> Config:
+    """A Config of ``base`` (flat, e.g. :func:`flatten_config`) with the ``(where, mapping)`` layers on top."""
+    values, origin = dict(base or {}), {}
+    for where, layer in layers:
+        flat = flatten(layer, f" ({where})" if where else "")
+        if flat.get("dataset") in DATASETS:  # what the data set decides, unless given with it
+            flat = {**dataset_defaults(flat["dataset"]), **flat}
+        values.update(flat)
+        origin.update({f"{SECTION_OF.get(k)}.{k}": where for k in flat})
+    nested = {sec: {k: v for k, v in values.items() if SECTION_OF.get(k) == sec} for sec in SECTIONS}
     try:
-        for name in SECTIONS:
-            values = {k: v for k, v in flat.items() if SECTION_OF.get(k) == name}
-            if values:
-                changes[name] = dataclasses.replace(getattr(cfg, name), **values)
-        if "preset" in flat:
-            changes["preset"] = flat["preset"]
-        return dataclasses.replace(cfg, **changes) if changes else cfg
+        return validate(Config, {**nested, "preset": values.get("preset")})
     except ConfigError as exc:
-        raise ConfigError(f"{exc}{where}") from None
+        sources = sorted({src for key, src in origin.items() if src and key in str(exc)})
+        raise ConfigError(f"{exc} ({', '.join(sources)})" if sources else str(exc)) from None
 
 
 def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
-    """A NEW validated Config with ``overrides`` (flat, dotted or nested keys) applied. A ``preset`` key only
-    changes the recorded preset name; it does not apply the preset's values."""
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"apply_overrides expects a Config, got {type(cfg).__name__}")
-    if not isinstance(overrides, Mapping):
-        raise ConfigError(f"overrides must be a mapping, got {type(overrides).__name__}")
-    return _with_values(cfg, flatten_mapping(overrides, allow_preset=True))
-
-
-_NONE_WORDS = ("none", "null", "~")
-_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off", "y", "n", "t", "f")  # what pydantic reads
-
-
-@functools.cache
-def _lax(name: str) -> TypeAdapter:
-    """The field's type read leniently from command-line text ('32' is an int there), its range unchecked."""
-    return TypeAdapter(unwrap(FIELDS[name].annotation)[0], config={"allow_inf_nan": False})
-
-
-def _from_text(name: str, text: str) -> Any:
-    """A command-line string as a value of the field's type; ConfigError if it is not one."""
-    hint, _, optional = unwrap(FIELDS[name].annotation)
-    kind, value = typing.get_origin(hint), text.strip()
-    if optional and value.lower() in _NONE_WORDS:
-        return None
-    if kind is tuple:
-        value = [p.strip() for p in value.strip("()[]").split(",")]
-        if len(value) != 2:
-            raise ConfigError(f"{name} expects 2 comma-separated floats (e.g. '0.9,0.999'), got {text!r}")
-    elif kind is dict:
-        items = [item.partition("=") for item in text.split(",")] if value not in ("", "{}") else []
-        if any(not sep or not key.strip() for key, sep, _ in items):
-            raise ConfigError(f"{name} expects comma-separated key=value pairs (e.g. 'a=1,b=2'), got {text!r}")
-        value = {key.strip(): val.strip() for key, _, val in items}
-    elif hint is str:
-        value = text
-    try:
-        return _lax(name).validate_python(value)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        if kind is tuple and err["type"] != "finite_number":
-            raise ConfigError(f"{name} expects {type_word(hint)} (e.g. '0.9,0.999'), got {text!r}") from None
-        loc = (name, *(p for p in err["loc"] if isinstance(p, int)))
-        raise ConfigError(describe(SECTIONS[SECTION_OF[name]], {**err, "loc": loc, "input": text})) from None
-
-
-def parse_cli(argv: Sequence[str]) -> dict[str, Any]:
-    """``--field value`` arguments as a typed flat dict ``{leaf_name: value}``: ``--batch-size 32``,
-    ``--batch_size=32``, ``--run.batch_size 32``; ``--hflip``, ``--hflip false`` or ``--no-hflip``; ``none`` for
-    optional fields; ``--betas 0.9,0.999``; ``--tags k=v,k2=v2``. Later occurrences win. Types are checked here,
-    ranges when the config is built; ``--config`` and ``--preset`` are the entry script's."""
-    if isinstance(argv, str):
-        raise ConfigError("parse_cli expects a list of arguments, not a single string")
-    args, out, i = list(argv), {}, 0
-    while i < len(args):
-        token = args[i]
-        i += 1
-        if not isinstance(token, str) or not token.startswith("--") or token == "--":
-            raise ConfigError(f"unexpected positional argument {token!r}; options look like --field value")
-        body, has_eq, inline = token[2:].partition("=")
-        key = body.replace("-", "_")
-        if key in ("config", "preset"):
-            raise ConfigError(f"--{body} must be handled by the entry script before parse_cli")
-        if key not in SECTION_OF and key.startswith("no_") and key[3:] in SECTION_OF:
-            if FIELDS[key[3:]].annotation is not bool:
-                raise ConfigError(f"--{body} only applies to bool fields; {key[3:]} is not a bool")
-            if has_eq:
-                raise ConfigError(f"--{body} takes no value, got {token!r}")
-            out[key[3:]] = False
-            continue
-        try:
-            name = _leaf(key)
-        except ConfigError:
-            raise _unknown_field(body, " (from the command line)") from None
-        if has_eq:
-            text = inline
-        elif FIELDS[name].annotation is bool:  # a bare flag, or one with a true/false word after it
-            nxt = args[i] if i < len(args) else None
-            text = nxt if isinstance(nxt, str) and nxt.strip().lower() in _BOOL_WORDS else "true"
-            i += text is nxt
-        elif i >= len(args) or (isinstance(args[i], str) and args[i].startswith("--")):
-            raise ConfigError(f"--{body} expects a value ({type_word(FIELDS[name].annotation)})")
-        else:
-            text, i = args[i], i + 1
-        out[name] = _from_text(name, text)
-    return out
+    """A NEW validated Config with ``overrides`` (flat or nested keys) applied. A ``preset`` key only changes
+    the recorded preset name; it does not apply the preset's values."""
+    return _build([("", overrides)], base=flatten_config(cfg))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -406,15 +257,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
-    """Inverse of :func:`config_to_dict` (also accepts flat or dotted keys); missing fields take defaults. A
-    ``preset`` key is recorded only: the preset's values are not applied."""
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"config_from_dict expects a mapping, got {type(d).__name__}")
-    return _with_values(Config(), flatten_mapping(d, allow_preset=True))
+    """Inverse of :func:`config_to_dict` (flat keys too); missing fields take defaults, ``preset`` is recorded."""
+    return _build([("", d)])
 
 
 def flatten_config(cfg: Config) -> dict[str, Any]:
-    """Flat ``{leaf_name: value}`` for every field (plus ``preset``), e.g. to log as run parameters."""
+    """Flat ``{field: value}`` for every field (plus ``preset``), e.g. to log as run parameters."""
     out = {name: getattr(getattr(cfg, section), name) for name, section in SECTION_OF.items()}
     return {**out, "tags": dict(out["tags"]), "preset": cfg.preset}
 
@@ -423,21 +271,20 @@ def save_yaml(cfg: Config, path: str | os.PathLike) -> None:
     """Write ``cfg`` as nested YAML that ``build_config(yaml_path=path)`` reads back to an equal Config."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False), encoding="utf-8")
+    p.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-# Presets: training config files shipped in stbp/presets/ (tune the numbers there)
 def _load_presets() -> Mapping[str, Mapping[str, Any]]:
+    """Preset name -> its field values (``stbp/presets/NAME.yaml``; tune the numbers there), validated."""
     presets = {}
     for path in sorted((Path(__file__).parent / "presets").glob("*.yaml")):
-        where = f" (in {str(path)!r})"
-        values = flatten_mapping(load_yaml(path), where)
-        flat = flatten_config(_with_values(Config(), values, where))  # validated, in the fields' own types
-        presets[path.stem] = types.MappingProxyType({k: flat[k] for k in values})
+        values = flatten(load_yaml(path), f" (in {str(path)!r})")
+        _build([(f"in {str(path)!r}", values)])
+        presets[path.stem] = types.MappingProxyType(values)
     return types.MappingProxyType(presets)
 
 
-PRESETS = _load_presets()  #: preset name -> its flat field values (read-only)
+PRESETS = _load_presets()
 
 
 def preset_names() -> list[str]:
@@ -448,26 +295,122 @@ def build_config(
     preset: str | None = None,
     yaml_path: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
-    cli: Sequence[str] | None = None,
+    cli: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> Config:
-    """A validated Config: defaults < preset < YAML file < overrides mapping < CLI list. The YAML file (keys
-    nested by section, flat or dotted) may name a preset, ``preset: NAME``, used when ``preset`` is None."""
-    yaml_values: dict[str, Any] = {}
-    where = f" (in {str(yaml_path)!r})"
-    if yaml_path is not None:
-        yaml_values = flatten_mapping(load_yaml(yaml_path), where=where, allow_preset=True)
-        yaml_preset = yaml_values.pop("preset", None)
-        if yaml_preset is not None and not isinstance(yaml_preset, str):
-            raise ConfigError(f"preset must be a string, got {yaml_preset!r}{where}")
-        preset = yaml_preset if preset is None else preset
-    cfg = Config()
-    if preset is not None:
-        if not isinstance(preset, str) or preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(preset_names())}")
-        cfg = _with_values(cfg, {**PRESETS[preset], "preset": preset})
-    cfg = _with_values(cfg, yaml_values, where)
-    if overrides is not None:
-        if not isinstance(overrides, Mapping):
-            raise ConfigError(f"overrides must be a mapping, got {type(overrides).__name__}")
-        cfg = _with_values(cfg, flatten_mapping(overrides, where=" (in overrides)"), " (in overrides)")
-    return _with_values(cfg, parse_cli(cli or []))
+    """A validated Config: defaults < preset < YAML file < overrides mapping < command line (arguments, or the
+    fields :func:`parse_args` read from them). The YAML file may name a preset (``preset: NAME``), used when
+    ``preset`` is None."""
+    file_values = load_yaml(yaml_path) if yaml_path is not None else {}
+    preset = file_values.pop("preset", None) if preset is None else preset
+    file_values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}{did_you_mean(preset, PRESETS)}: one of {', '.join(PRESETS)}")
+    layers = [(f"preset {preset!r}", {**PRESETS[preset], "preset": preset})] if preset else []
+    layers += [(f"in {str(yaml_path)!r}", file_values), ("in overrides", overrides or {})]
+    cli = cli if isinstance(cli, Mapping) else parse_cli(cli or [])
+    return _build([*layers, ("from the command line", cli)])
+
+
+# The command line: one parser generated from the fields
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print and exit: let the entry script report it
+        raise ConfigError(message)
+
+
+class _Schema(argparse.Action):
+    def __call__(self, parser, *args):  # print a JSON Schema and exit, as --help does
+        print(json.dumps(self.const(), indent=2))
+        parser.exit()
+
+
+def config_parser(exclude=(), files: bool = True, schema=None, **kwargs: Any) -> argparse.ArgumentParser:
+    """An argparse parser with ``--field`` and ``--section.field`` for every field not in ``exclude`` (help from
+    the fields' docstrings; bools also as ``--no-field``), ``--config``/``--preset`` where ``files``, and
+    ``--schema`` to print ``schema()``."""
+    kwargs.setdefault("usage", "%(prog)s [--OPTION VALUE ...]   (--help lists them)")
+    parser = _Parser(allow_abbrev=False, argument_default=argparse.SUPPRESS, **kwargs)
+    if schema:
+        parser.add_argument("--schema", nargs=0, action=_Schema, const=schema, help="print the file's JSON Schema")
+    if files:
+        parser.add_argument("--config", metavar="FILE", help="a YAML config file (fields flat or by section)")
+        parser.add_argument("--preset", metavar="NAME", help=f"start from a preset: {', '.join(preset_names())}")
+    for sec, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{sec} (--{sec}.FIELD works too)", cls.__doc__)
+        for name, info in cls.__pydantic_fields__.items():
+            if name in exclude:
+                continue
+            text = f"{info.description} (default: {info.get_default(call_default_factory=True)})"
+            kwargs = dict(dest=name, metavar="VALUE", help=text.replace("%", "%%"))
+            if info.annotation is bool:  # --x, --x true|false, --no-x
+                group.add_argument(f"--no-{name}", dest=name, action="store_const", const="0", help=argparse.SUPPRESS)
+                kwargs.update(nargs="?", const="1", metavar="true|false")
+            group.add_argument(f"--{name}", f"--{sec}.{name}", **kwargs)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """``argv`` parsed by ``parser`` (:func:`config_parser`): its namespace and the config fields given, as
+    ``{field: value}`` typed from their text. Option names may use dashes (``--batch-size``)."""
+    if isinstance(argv, str):
+        raise ConfigError("expected a list of arguments, not one string")
+    args = [_underscored(a) for a in argv]
+    namespace, unknown = parser.parse_known_args(args)
+    if unknown and not unknown[0].startswith("-"):
+        raise ConfigError(f"unexpected argument {unknown[0]!r}: options look like --field value")
+    if unknown:
+        options = [o.lstrip("-") for o in parser._option_string_actions]
+        bad = unknown[0].lstrip("-").partition("=")[0]
+        raise ConfigError(f"unknown option {unknown[0]!r}{did_you_mean(bad, options)}")
+    return namespace, {k: _typed(k, v) for k, v in vars(namespace).items() if k in FIELDS}
+
+
+def parse_cli(argv: Sequence[str]) -> dict[str, Any]:
+    """The ``--field value`` arguments of ``argv`` as ``{field: value}``, checked when a config is built."""
+    return parse_args(config_parser(files=False), argv)[1]
+
+
+def _underscored(arg: str) -> str:
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    negated = name[:3] in ("no-", "no_") and name[3:].replace("-", "_") in FIELDS
+    return f"--{'no-' if negated else ''}{name[3 if negated else 0 :].replace('-', '_')}{eq}{value}"
+
+
+def _typed(name: str, text: str) -> Any:
+    """A field's command-line text as the first reading that its type accepts: the text itself, YAML's reading
+    ('32', 'true', '1e-3', '[0.9, 0.999]'), a list ('0.9,0.999') or a mapping ('k=v,k2=v2'); else the text, for
+    the config's validation to refuse. 'none' or 'null' is None where the field's default is."""
+    if FIELDS[name].default is None and text.lower() in ("none", "null"):
+        return None
+    readings = (
+        lambda: text,
+        lambda: parse_yaml(text),
+        lambda: parse_yaml(f"[{text}]"),
+        lambda: dict(pair.split("=", 1) for pair in text.split(",")),
+    )
+    for read in readings:
+        try:
+            return TypeAdapter(FIELDS[name].annotation).validate_python(read())
+        except (ValueError, yaml.YAMLError):  # pydantic's ValidationError is a ValueError
+            continue
+    return text
+
+
+def train_schema(exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON Schema of a training config file: fields flat or nested by section, and ``preset``.
+    ``exclude``: fields the file may not set (a sweep's ``train`` leaves out those each trial sets)."""
+    props: dict[str, Any] = {
+        "preset": {"description": "A preset: its values first, then the file's.", "enum": [*PRESETS, None]}
+    }
+    defs = {}
+    for sec, cls in SECTIONS.items():
+        fields = {k: v for k, v in TypeAdapter(cls).json_schema()["properties"].items() if k not in exclude}
+        defs.update({f"field.{k}": v for k, v in fields.items()})
+        refs = {k: {"$ref": f"#/$defs/field.{k}"} for k in fields}
+        props[sec] = dict(description=cls.__doc__, type=["object", "null"], properties=refs, additionalProperties=False)
+        props.update(refs)
+    head = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "stbp training config"}
+    return {**head, "type": "object", "properties": props, "additionalProperties": False, "$defs": defs}

@@ -99,7 +99,7 @@ def test_vth_aa_sweep_is_sized_for_gpus():
 def test_field_overrides_change_every_trials_base_config(tmp_path):
     sweep = load_sweep(
         write(tmp_path, BASE),
-        train_cli=["--epochs", "3", "--lr=0.01"],
+        overrides={"epochs": 3, "lr": 0.01},
         num_samples=5,
         tracking_uri="http://127.0.0.1:5999",
     )
@@ -116,7 +116,7 @@ def test_defaults_max_t_to_epochs_and_mode_to_the_metric(tmp_path):
 
 
 def test_resolved_sweep_records_the_overrides(tmp_path):
-    data = sweep_to_dict(load_sweep(write(tmp_path, BASE), train_cli=["--epochs", "3"]))
+    data = sweep_to_dict(load_sweep(write(tmp_path, BASE), overrides={"epochs": 3}))
     assert data["train"]["run"]["epochs"] == 3
     assert data["space"]["v_th"] == {"type": "uniform", "low": 0.2, "high": 0.8}
 
@@ -125,152 +125,111 @@ def test_resolved_sweep_records_the_overrides(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("dotted", "value", "expected"),
+    ("dotted", "value", "named"),
     [
-        (
-            "serach",
-            {},
-            ["unknown sweep key serach", "did you mean 'search'", "valid keys: name, train, space"],
-        ),
-        ("search.num_sample", 3, ["unknown sweep key search.num_sample", "did you mean 'num_samples'"]),
-        ("search.num_samples", "many", ["search.num_samples expects an int", "'many'"]),
-        ("search.num_samples", 0, ["search.num_samples must be >= 1, got 0"]),
-        ("search.max_concurrent", 0, ["search.max_concurrent must be >= 1"]),
-        ("search.searcher", "hyperopt", ["search.searcher must be one of 'optuna'", "'hyperopt'"]),
-        ("search.sampler", "grid", ["search.sampler must be one of 'tpe', 'nsga2', 'random'"]),
-        ("scheduler.type", "pbt", ["scheduler.type must be one of 'asha', 'none'", "'pbt'"]),
-        ("scheduler.grace_period", 2, ["scheduler.grace_period (2) must be < max_t (2)", "scheduler: none"]),
-        ("scheduler.max_t", 5, ["scheduler.max_t (5) exceeds the trial's epochs (2)"]),
-        ("scheduler.reduction_factor", 1, ["scheduler.reduction_factor must be > 1"]),
-        (
-            "metric",
-            "test_acc",
-            ["metric must be one of 'val_acc', 'val_loss', 'train_acc', 'train_loss', 'spikes_per_image'"],
-        ),
-        ("mode", "maximum", ["mode must be one of 'max', 'min'"]),
-        ("resources.gpus", -1, ["resources.gpus must be >= 0"]),
-        ("resources.workers", 0, ["resources.workers must be >= 1"]),
-        ("resources.cpus", "two", ["resources.cpus expects a number"]),
-        ("resources.workers", 3, ["batch_size (32, global) must be divisible by resources.workers (3)"]),
-        (
-            "failures.max_failure",
-            1,
-            ["unknown sweep key failures.max_failure", "did you mean 'max_failures'"],
-        ),
-        ("failures.max_failures", -2, ["failures.max_failures must be >= 0"]),
-        ("checkpoints.num_to_keep", 0, ["checkpoints.num_to_keep must be >= 1"]),
-        (
-            "mlflow.tracking_url",
-            "x",
-            ["unknown sweep key mlflow.tracking_url", "did you mean 'tracking_uri'"],
-        ),
-        ("name", "my sweep", ["name must be letters, digits"]),
-        ("name", 3, ["name expects a string"]),
+        ("serach", {}, ["serach", "did you mean 'search'"]),
+        ("search.num_sample", 3, ["search.num_sample", "did you mean 'num_samples'"]),
+        ("search.num_samples", "many", ["search.num_samples", "'many'"]),
+        ("search.num_samples", 0, ["search.num_samples", "got 0"]),
+        ("search.max_concurrent", 0, ["search.max_concurrent", "got 0"]),
+        ("search.searcher", "hyperopt", ["search.searcher", "'hyperopt'"]),
+        ("search.sampler", "grid", ["search.sampler", "'grid'"]),
+        ("scheduler.type", "pbt", ["scheduler.type", "'pbt'"]),
+        ("scheduler.grace_period", 2, ["scheduler.grace_period", "got 2", "scheduler: none"]),
+        ("scheduler.max_t", 5, ["scheduler.max_t", "(5)"]),
+        ("scheduler.reduction_factor", 1, ["scheduler.reduction_factor", "got 1"]),
+        ("metric", "test_acc", ["metric", "'test_acc'"]),
+        ("metric", "val_ac", ["metric", "'val_ac'", "did you mean 'val_acc'"]),
+        ("mode", "maximum", ["mode", "'maximum'", "did you mean 'max'"]),
+        ("resources.gpus", -1, ["resources.gpus", "got -1"]),
+        ("resources.workers", 0, ["resources.workers", "got 0"]),
+        ("resources.cpus", "two", ["resources.cpus", "'two'"]),
+        ("resources.workers", 3, ["batch_size", "resources.workers (3)", "32"]),
+        ("failures.max_failure", 1, ["failures.max_failure", "did you mean 'max_failures'"]),
+        ("failures.max_failures", -2, ["failures.max_failures", "got -2"]),
+        ("checkpoints.num_to_keep", 0, ["checkpoints.num_to_keep", "got 0"]),
+        ("mlflow.tracking_url", "x", ["mlflow.tracking_url", "did you mean 'tracking_uri'"]),
+        ("name", "my sweep", ["name", "'my sweep'"]),
+        ("name", 3, ["name", "got 3"]),
     ],
 )
-def test_invalid_sweep_keys_are_named_with_the_valid_choices(tmp_path, dotted, value, expected):
+def test_an_invalid_sweep_key_is_named_with_its_value(tmp_path, dotted, value, named):
     message = error_of(with_change(tmp_path, dotted, value))
     assert message.startswith(str(tmp_path / "sweep.yaml"))
-    for part in expected:
+    for part in named:
         assert part in message, message
 
 
 @pytest.mark.parametrize(
-    ("param", "spec", "expected"),
+    ("param", "spec", "named"),
     [
-        (
-            "v_th",
-            {"type": "uniform", "low": 0.8, "high": 0.2},
-            "space.v_th: low must be < high, got low=0.8, high=0.2",
-        ),
-        ("v_th", {"type": "uniform", "low": 0.5, "high": 0.5}, "low must be < high"),
-        (
-            "v_th",
-            {"type": "loguniform", "low": 0.0, "high": 1.0},
-            "space.v_th: loguniform needs low > 0, got low=0.0",
-        ),
-        (
-            "v_th",
-            {"type": "normal", "low": 0.1, "high": 1.0},
-            "space.v_th.type must be one of 'uniform', 'loguniform', 'int', 'choice'",
-        ),
-        ("v_th", {"type": "uniform", "low": "a", "high": 1.0}, "space.v_th.low expects a number"),
-        (
-            "v_th",
-            {"type": "uniform", "low": 0.1, "hi": 1.0},
-            "unknown sweep key space.v_th.hi (did you mean 'high'?)",
-        ),
-        ("v_th", {"type": "uniform", "low": -0.5, "high": 1.0}, "space.v_th.low: v_th must be > 0, got -0.5"),
-        ("v_th", {"type": "choice", "values": []}, "space.v_th.values must be a non-empty list"),
-        (
-            "readout",
-            {"type": "choice", "values": ["mean", "max"]},
-            "space.readout.values[1]: readout must be one of",
-        ),
-        ("timesteps", {"type": "int", "low": 1.5, "high": 4}, "space.timesteps.low expects an int"),
+        ("v_th", {"type": "uniform", "low": 0.8, "high": 0.2}, ["space.v_th", "low=0.8, high=0.2"]),
+        ("v_th", {"type": "uniform", "low": 0.5, "high": 0.5}, ["space.v_th", "low must be < high"]),
+        ("v_th", {"type": "loguniform", "low": 0.0, "high": 1.0}, ["space.v_th", "low > 0", "low=0.0"]),
+        ("v_th", {"type": "normal", "low": 0.1, "high": 1.0}, ["space.v_th", "'normal'", "'uniform'"]),
+        ("v_th", {"type": "uniform", "low": "a", "high": 1.0}, ["space.v_th", "low", "'a'"]),
+        ("v_th", {"type": "uniform", "low": 0.1, "hi": 1.0}, ["space.v_th", "hi", "did you mean 'high'"]),
+        ("v_th", {"type": "uniform", "low": -0.5, "high": 1.0}, ["space.v_th.low", "model.v_th", "-0.5"]),
+        ("v_th", {"type": "choice", "values": []}, ["space.v_th", "values", "[]"]),
+        ("readout", {"type": "choice", "values": ["mean", "max"]}, ["space.readout.values[1]", "'max'"]),
+        ("timesteps", {"type": "int", "low": 1.5, "high": 4}, ["space.timesteps", "low", "1.5"]),
         ("width", {"type": "int", "low": 1, "high": 4}, None),  # ints are valid floats
-        (
-            "timesteps",
-            {"type": "uniform", "low": 1.0, "high": 4.0},
-            "space.timesteps.low: timesteps expects an int",
-        ),
-        (
-            "vth",
-            {"type": "uniform", "low": 0.1, "high": 1.0},
-            "space.vth is not a training config field (did you mean 'v_th'?)",
-        ),
-        ("output_dir", {"type": "choice", "values": ["a"]}, "space.output_dir cannot be searched"),
+        ("timesteps", {"type": "uniform", "low": 1.0, "high": 4.0}, ["space.timesteps.low", "model.timesteps", "1.0"]),
+        ("vth", {"type": "uniform", "low": 0.1, "high": 1.0}, ["space", "'vth'", "did you mean 'v_th'"]),
+        ("output_dir", {"type": "choice", "values": ["a"]}, ["space", "'output_dir'"]),
     ],
 )
-def test_invalid_search_space_is_refused(tmp_path, param, spec, expected):
+def test_an_invalid_search_space_is_named_with_its_value(tmp_path, param, spec, named):
     data = {**BASE, "space": {param: spec}, "search": {"num_samples": 2}}
-    if expected is None:
+    if named is None:
         load_sweep(write(tmp_path, data))
         return
-    assert expected in error_of(write(tmp_path, data))
+    message = error_of(write(tmp_path, data))
+    for part in named:
+        assert part in message, message
 
 
 @pytest.mark.parametrize(
-    ("points", "expected"),
+    ("points", "named"),
     [
-        (
-            [{"v_th": 0.1, "aa": 0.5}],
-            "search.points_to_evaluate[0].v_th = 0.1 is outside space.v_th uniform[0.2, 0.8]",
-        ),
-        ([{"v_th": 0.4}], "search.points_to_evaluate[0] is missing aa"),
-        ([{"v_th": 0.4, "aa": 0.5, "lr": 0.1}], "unknown sweep key search.points_to_evaluate[0].lr"),
-        ({"v_th": 0.4}, "search.points_to_evaluate must be a list"),
-        ([{"v_th": 0.4, "aa": 0.5}] * 4, "search.num_samples (3) is smaller than the 4 points_to_evaluate"),
+        ([{"v_th": 0.1, "aa": 0.5}], ["search.points_to_evaluate[0].v_th", "0.1", "uniform[0.2, 0.8]"]),
+        ([{"v_th": 0.4}], ["search.points_to_evaluate[0]", "aa"]),
+        ([{"v_th": 0.4, "aa": 0.5, "lr": 0.1}], ["search.points_to_evaluate[0]", "lr"]),
+        ({"v_th": 0.4}, ["search.points_to_evaluate"]),
+        ([{"v_th": 0.4, "aa": 0.5}] * 4, ["search.num_samples", "(3)", "4 points"]),
     ],
 )
-def test_invalid_points_to_evaluate_are_refused(tmp_path, points, expected):
-    assert expected in error_of(write(tmp_path, {**BASE, "search": {"num_samples": 3, "points_to_evaluate": points}}))
+def test_invalid_points_to_evaluate_are_named(tmp_path, points, named):
+    message = error_of(write(tmp_path, {**BASE, "search": {"num_samples": 3, "points_to_evaluate": points}}))
+    for part in named:
+        assert part in message, message
 
 
-def test_invalid_train_fields_reuse_the_config_messages(tmp_path):
-    assert "train: lr must be > 0, got -1.0" in error_of(with_change(tmp_path, "train.lr", -1.0))
-    message = error_of(with_change(tmp_path, "train.epoch", 2))
-    assert "train: unknown config field 'epoch' (did you mean 'epochs'?)" in message
-    assert "unknown preset 'huge'" in error_of(with_change(tmp_path, "train.preset", "huge"))
-    message = error_of(write(tmp_path, BASE), train_cli=["--batch_size", "many"])
-    assert "train: batch_size expects an int" in message
+def test_invalid_train_fields_are_named_under_train(tmp_path):
+    message = error_of(with_change(tmp_path, "train.lr", -1.0))
+    assert "train: " in message and "optim.lr" in message and "-1.0" in message
+    assert "did you mean 'epochs'" in error_of(with_change(tmp_path, "train.epoch", 2))
+    assert "'huge'" in error_of(with_change(tmp_path, "train.preset", "huge"))
+    message = error_of(write(tmp_path, BASE), overrides={"batch_size": "many"})
+    assert "run.batch_size" in message and "'many'" in message
 
 
 def test_fields_each_trial_sets_cannot_be_given(tmp_path):
-    assert "train: output_dir is set by each trial" in error_of(with_change(tmp_path, "train.output_dir", "x"))
-    assert "run_id is set by each trial" in error_of(write(tmp_path, BASE), train_cli=["--run_id", "abc"])
+    assert "train.output_dir" in error_of(with_change(tmp_path, "train.output_dir", "x"))
+    assert "train.run_id" in error_of(write(tmp_path, BASE), overrides={"run_id": "abc"})
 
 
 def test_num_samples_below_one_from_the_command_line_is_refused(tmp_path):
-    assert "search.num_samples must be >= 1, got 0" in error_of(write(tmp_path, BASE), num_samples=0)
+    message = error_of(write(tmp_path, BASE), num_samples=0)
+    assert "search.num_samples" in message and "got 0" in message
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", "is empty"),
+        ("", "mapping"),
         ("name: [unclosed", "is not valid YAML"),
-        ("- a\n- b\n", "must contain a mapping"),
+        ("- a\n- b\n", "mapping"),
     ],
 )
 def test_a_sweep_file_that_is_not_a_yaml_mapping_is_refused(tmp_path, text, expected):
@@ -283,7 +242,8 @@ def test_a_missing_sweep_file_is_refused(tmp_path):
 
 
 def test_required_keys_are_named(tmp_path):
-    assert "missing required key 'space'" in error_of(with_change(tmp_path, "space", None, remove=True))
+    message = error_of(with_change(tmp_path, "space", None, remove=True))
+    assert "space" in message and "missing" in message
 
 
 def test_sweep_errors_are_config_errors():
@@ -319,7 +279,7 @@ def test_more_cpus_per_trial_than_the_machine_has_are_refused(tmp_path, no_ray_s
 
 
 def test_missing_data_offline_is_refused_before_ray(tmp_path, no_ray_started):
-    sweep = load_sweep(write(tmp_path, BASE), ["--data_dir", str(tmp_path / "nowhere"), "--download", "false"])
+    sweep = load_sweep(write(tmp_path, BASE), {"data_dir": str(tmp_path / "nowhere"), "download": False})
     with pytest.raises(SweepError, match=r"(?s)the trials would find no MNIST.*download=False.*nowhere"):
         run_sweep(sweep, storage=tmp_path / "ray")
     assert not (tmp_path / "ray").exists()
@@ -360,7 +320,7 @@ def test_resume_with_a_different_sweep_is_refused(tmp_path, no_ray_started):
     first = load_sweep(write(tmp_path, BASE))
     (tmp_path / "ray" / "t").mkdir(parents=True)
     (tmp_path / "ray" / "t" / "sweep.yaml").write_text(yaml.safe_dump(sweep_to_dict(first)))
-    changed = load_sweep(write(tmp_path, BASE), train_cli=["--epochs", "3"])
+    changed = load_sweep(write(tmp_path, BASE), overrides={"epochs": 3})
     with pytest.raises(SweepError, match="differs from the one in .* in train"):
         run_sweep(changed, storage=tmp_path / "ray", resume=True)
 
@@ -382,7 +342,7 @@ def test_tune_py_reports_a_bad_sweep_file_and_exits_2_without_starting_ray(tmp_p
         timeout=120,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "error: " in proc.stderr and "space.v_th: loguniform needs low > 0" in proc.stderr
+    assert "error: " in proc.stderr and "space.v_th" in proc.stderr and "low > 0" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -419,22 +379,21 @@ def test_a_metric_list_is_a_multi_objective_sweep_with_natural_modes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("change", "expected"),
+    ("change", "named"),
     [
-        ({"mode": ["max"]}, "metric and mode must have the same length"),
-        ({"mode": "max"}, "metric and mode must have the same length"),
-        ({"metric": ["val_acc", "sops_per_imag"]}, "metric[1] must be one of 'val_acc'"),
-        ({"metric": ["val_acc", "sops_per_imag"]}, "(did you mean 'sops_per_image'?)"),
-        ({"metric": ["val_acc", "val_acc"]}, "metric must name each metric once"),
-        ({"mode": ["max", "down"]}, "mode[1] must be one of 'max', 'min', got 'down'"),
-        ({"scheduler": {"type": "asha", "grace_period": 1}}, "scheduler: asha ranks trials by one metric"),
-        ({"scheduler": {"type": "asha", "grace_period": 1}}, "`scheduler: none` for a multi-objective sweep"),
-        ({"train": {"preset": "tiny", "epochs": 2, "firing_rates": False}}, "train.firing_rates must stay true"),
+        ({"mode": ["max"]}, ["mode", "'max'"]),
+        ({"mode": "max"}, ["mode", "'max'"]),
+        ({"metric": ["val_acc", "sops_per_imag"]}, ["metric[1]", "'sops_per_imag'", "did you mean 'sops_per_image'"]),
+        ({"metric": ["val_acc", "val_acc"]}, ["metric", "['val_acc', 'val_acc']"]),
+        ({"mode": ["max", "down"]}, ["mode[1]", "'down'"]),
+        ({"scheduler": {"type": "asha", "grace_period": 1}}, ["scheduler", "asha", "scheduler: none"]),
+        ({"train": {"preset": "tiny", "epochs": 2, "firing_rates": False}}, ["train.firing_rates"]),
     ],
 )
-def test_a_bad_metric_list_is_refused_naming_the_key(tmp_path, change, expected):
+def test_a_bad_metric_list_is_named(tmp_path, change, named):
     message = error_of(write(tmp_path, {**MULTI, **change}))
-    assert expected in message, message
+    for part in named:
+        assert part in message, message
 
 
 def test_one_metric_override_makes_the_smoke_sweep_multi_objective_and_says_asha_is_off(capsys):

@@ -1,7 +1,7 @@
 """Hyperparameter sweeps: Ray Tune drives Optuna over the training config; MLflow records every trial.
 
     from stbp.sweep import load_sweep, run_sweep
-    sweep = load_sweep("sweeps/vth_aa.yaml", train_cli=["--epochs", "2"])  # validated; nothing started
+    sweep = load_sweep("sweeps/vth_aa.yaml", overrides={"epochs": 2})  # validated; nothing started
     run_sweep(sweep)                                                        # Ray, trials, MLflow, report
 
 The modules, each importing only those above it:

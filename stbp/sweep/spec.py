@@ -2,8 +2,9 @@
 
 A sweep file has the keys of :class:`Sweep` (``sweeps/vth_aa.yaml`` documents each one, and
 ``sweeps/sweep.schema.json`` lets an editor check them as they are typed). ``train`` is a training config (a preset
-plus fields, exactly as ``train_ddp.py --config`` reads it); ``space`` maps training fields to ranges. Every
-error is a :class:`SweepError` that names the dotted key, e.g. ``search.num_samples must be >= 1, got 0``.
+plus fields, exactly as ``train_ddp.py --config`` reads it); ``space`` maps training fields to ranges. Pydantic
+checks the types; the checks across keys are :meth:`Sweep.__post_init__`'s. Every error is a :class:`SweepError`
+that names the dotted key and the value, e.g. ``search.num_samples: input should be greater than or equal to 1``.
 """
 
 from __future__ import annotations
@@ -16,60 +17,107 @@ from dataclasses import field
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter
 
 from ..config import (
+    BOOKKEEPING_FIELDS,
+    FIELDS,
+    AtLeast1,
     Config,
-    ConfigError,
+    NonEmpty,
     apply_overrides,
     build_config,
     check_global_batch,
-    config_to_dict,
-    field_names,
-    flatten_mapping,
-    parse_cli,
+    flatten,
 )
 from ..monitor import SPIKE_COST
-from ..validation import Rule, Word, build, did_you_mean, init_fields, load_yaml, section, unknown_key
-from .errors import SweepError
-from .space import PARAMS, Choice, IntRange, Param, Range
-
-__all__ = [
-    "SweepError",
-    "Range",
-    "IntRange",
-    "Choice",
-    "Search",
-    "Scheduler",
-    "Resources",
-    "Failures",
-    "Mlflow",
-    "Checkpoints",
-    "Sweep",
-    "load_sweep",
-    "sweep_to_dict",
-    "sweep_yaml",
-    "METRICS",
-    "TRIAL_OWNED_FIELDS",
-]
-
+from ..validation import Bool, ConfigError, Float, Int, Str, load_yaml, section, validate
 
 #: The metrics the trainer reports every epoch that a sweep can optimise (the spike cost is the validation set's).
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", *SPIKE_COST)
-#: Training fields every trial sets for itself: a sweep may neither set nor search them.
-TRIAL_OWNED_FIELDS = (
-    "output_dir",
-    "resume",
-    "run_id",
-    "tracking_uri",
-    "experiment",
-    "mlflow",
-    "run_name",
-    "register_model",
-)
+#: Bookkeeping fields every trial sets for itself (a sweep may still say where the data is and add tags).
+TRIAL_OWNED_FIELDS = tuple(f for f in BOOKKEEPING_FIELDS if f not in ("data_dir", "tags"))
+SEARCHABLE = tuple(f for f in sorted(FIELDS) if f not in TRIAL_OWNED_FIELDS)
+
+
+class SweepError(ConfigError):
+    """An invalid sweep file or sweep option; raised before anything starts."""
+
 
 sweep_section = functools.partial(section, error=SweepError)
-AtLeast1 = Annotated[int, Field(ge=1)]
+
+
+def one_or_many(kind: Any) -> Any:
+    """``kind`` or a list of them: read as a tuple, kept as the one value when there is one."""
+    as_list = BeforeValidator(lambda v: [v] if isinstance(v, str) else v, json_schema_input_type=kind | list[kind])
+    return Annotated[tuple[kind, ...], as_list, AfterValidator(lambda t: t[0] if len(t) == 1 else t)]
+
+
+class _Interval:
+    """``low < high``; the shared half of :class:`Range` and :class:`IntRange`."""
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got low={self.low}")
+
+    def contains(self, value: Any) -> bool:
+        number = (int,) if self.type == "int" else (int, float)
+        return isinstance(value, number) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def describe(self) -> str:
+        return f"{self.type}[{self.low}, {self.high}]"
+
+
+@sweep_section
+class Range(_Interval):
+    """A float drawn from [low, high], uniformly or log-uniformly."""
+
+    type: Literal["uniform", "loguniform"]
+    low: Float
+    high: Float
+
+    def distribution(self):
+        from optuna.distributions import FloatDistribution
+
+        return FloatDistribution(self.low, self.high, log=self.type == "loguniform")
+
+
+@sweep_section
+class IntRange(_Interval):
+    """An int drawn from [low, high]."""
+
+    type: Literal["int"]
+    low: Int
+    high: Int
+
+    def distribution(self):
+        from optuna.distributions import IntDistribution
+
+        return IntDistribution(self.low, self.high)
+
+
+@sweep_section
+class Choice:
+    """One of ``values``."""
+
+    type: Literal["choice"]
+    values: Annotated[tuple[Bool | Int | Float | Str | None, ...], Field(min_length=1)]
+
+    def contains(self, value: Any) -> bool:
+        return value in self.values
+
+    def describe(self) -> str:
+        return f"choice{list(self.values)}"
+
+    def distribution(self):
+        from optuna.distributions import CategoricalDistribution
+
+        return CategoricalDistribution(list(self.values))
+
+
+Param = Annotated[Range | IntRange | Choice, Field(discriminator="type")]
 
 
 @sweep_section
@@ -80,9 +128,9 @@ class Search:
     """The only searcher."""
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     """Optuna's sampler: 'tpe' (one or more metrics), 'nsga2' (NSGA-II, for several metrics) or 'random'."""
-    seed: int | None = 0
+    seed: Int | None = 0
     """The sampler's seed (null = random)."""
-    points_to_evaluate: tuple[dict[str, Any], ...] = ()
+    points_to_evaluate: tuple[dict[Str, Any], ...] = ()
     """Tried first, in order: one value for every searched parameter."""
     num_samples: AtLeast1 = 8
     """Trials in all, points_to_evaluate included."""
@@ -92,7 +140,7 @@ class Search:
 
 @sweep_section
 class Scheduler:
-    """Early stopping of poor trials: ASHA on the metric at each epoch, or none."""
+    """Early stopping of poor trials: ASHA on the metric at each epoch, or none (``scheduler: none`` for short)."""
 
     type: Literal["asha", "none"] = "asha"
     """'asha' or 'none' (every trial runs to its end)."""
@@ -100,7 +148,7 @@ class Scheduler:
     """ASHA's budget, at most the trial's epochs (null: those epochs); its rungs lie below it."""
     grace_period: AtLeast1 = 1
     """Epochs every trial runs before ASHA may stop it: the first rung."""
-    reduction_factor: Annotated[float, Field(gt=1), Word("a number")] = 3.0
+    reduction_factor: Annotated[Float, Field(gt=1)] = 3.0
     """Rungs at grace_period x reduction_factor^k epochs; at each, trials below the top 1/factor stop."""
 
 
@@ -108,9 +156,9 @@ class Scheduler:
 class Resources:
     """Per trial: ``workers`` training processes (DDP when > 1), each with ``cpus`` CPUs and ``gpus`` GPUs."""
 
-    cpus: Annotated[float, Field(gt=0), Word("a number")] = 1.0
+    cpus: Annotated[Float, Field(gt=0)] = 1.0
     """CPUs per worker."""
-    gpus: Annotated[float, Field(ge=0), Word("a number")] = 0.0
+    gpus: Annotated[Float, Field(ge=0)] = 0.0
     """GPUs per worker (0 or 1 when workers > 1: one GPU per DDP rank)."""
     workers: AtLeast1 = 1
     """Training processes per trial: DDP through Ray Train when > 1."""
@@ -124,13 +172,8 @@ class Resources:
 class Failures:
     """How often a crashed trial is retried from its last checkpoint."""
 
-    max_failures: Annotated[int, Field(ge=0)] = 0
+    max_failures: Annotated[Int, Field(ge=0)] = 0
     """Retries of a crashed trial (0 = never); a diverged trial is never retried."""
-
-
-NonEmpty = Annotated[str, Field(pattern=r"\S")]
-Metric = Literal[METRICS]  # type: ignore[valid-type]
-Mode = Literal["max", "min"]
 
 
 @sweep_section
@@ -157,18 +200,17 @@ class Checkpoints:
 class Sweep:
     """A validated sweep: the base training config, the search space and how the trials run."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"), Rule("must be letters, digits, _ . or -")]
+    name: Annotated[Str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     """Names the Ray experiment directory (<storage>/<name>) and the MLflow parent run."""
     train: Config
     """The base training config of every trial: a preset plus training fields."""
-    space: dict[str, Param]
+    space: dict[Literal[SEARCHABLE], Param]  # type: ignore[valid-type]
     """The searched training fields: {type: uniform|loguniform|int, low, high} or {type: choice, values}."""
     search: Search = field(default_factory=Search)
     scheduler: Scheduler = field(default_factory=Scheduler)
-    metric: Metric | tuple[Metric, ...] = "val_acc"
-    """What the searcher (and the scheduler) optimise, reported every epoch; a list for a multi-objective sweep,
-    e.g. [val_acc, sops_per_image], whose report is the Pareto front."""
-    mode: Mode | tuple[Mode, ...] = "max"
+    metric: one_or_many(Literal[METRICS]) = "val_acc"  # type: ignore[valid-type]
+    """What the searcher and scheduler optimise, reported every epoch; several ([val_acc, sops_per_image]): Pareto."""
+    mode: one_or_many(Literal["max", "min"]) | None = None  # type: ignore[valid-type]
     """max or min, one per metric (default: max for *_acc, min for the others)."""
     resources: Resources = field(default_factory=Resources)
     failures: Failures = field(default_factory=Failures)
@@ -176,6 +218,71 @@ class Sweep:
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
     source: str = field(default="", init=False, compare=False)
     """The file it was read from (logged with the sweep)."""
+
+    def __post_init__(self) -> None:
+        if not self.space:
+            raise ValueError("space: name at least one training field to search, e.g. v_th: {type: uniform, ...}")
+        self._check_space()
+        self._check_objectives()
+        self._check_scheduler()
+        object.__setattr__(self, "search", dataclasses.replace(self.search, points_to_evaluate=self._points()))
+        check_global_batch(self.train.run.batch_size, self.resources.workers, "resources.workers")
+        if self.mlflow.registered_model:
+            name = self.mlflow.registered_model.replace("{name}", self.name)
+            object.__setattr__(self, "mlflow", dataclasses.replace(self.mlflow, registered_model=name))
+
+    def _check_space(self) -> None:
+        """Each value a space can draw must be valid for its training field."""
+        for name, param in self.space.items():
+            ends = ((f"values[{i}]", v) for i, v in enumerate(param.values)) if isinstance(param, Choice) else None
+            ends = ends or (("low", param.low), ("high", param.high))
+            for key, value in ends:
+                try:
+                    apply_overrides(self.train, {name: value})
+                except ConfigError as exc:
+                    raise ValueError(f"space.{name}.{key}: {exc}") from None
+
+    def _points(self) -> tuple[dict[str, Any], ...]:
+        """The points to try first, each a value inside every searched range (ints as floats in float ranges)."""
+        points = []
+        for i, point in enumerate(self.search.points_to_evaluate):
+            at = f"search.points_to_evaluate[{i}]"
+            if set(point) != set(self.space):
+                raise ValueError(f"{at} must give exactly {', '.join(self.space)}, got {', '.join(map(str, point))}")
+            values = {
+                n: float(v) if type(v) is int and isinstance(self.space[n], Range) else v for n, v in point.items()
+            }
+            for n, p in self.space.items():
+                if not p.contains(values[n]):
+                    raise ValueError(f"{at}.{n} = {values[n]!r} is outside space.{n} {p.describe()}")
+            points.append(values)
+        if self.search.num_samples < len(points):
+            raise ValueError(f"search.num_samples ({self.search.num_samples}) is below the {len(points)} points")
+        return tuple(points)
+
+    def _check_objectives(self) -> None:
+        metrics = self.metrics
+        if not metrics or len(set(metrics)) < len(metrics):
+            raise ValueError(f"metric must name each metric once, got {list(metrics)}")
+        if self.mode is None:
+            natural = tuple("max" if m.endswith("_acc") else "min" for m in metrics)
+            object.__setattr__(self, "mode", natural if len(natural) > 1 else natural[0])
+        elif len(self.modes) != len(metrics):
+            raise ValueError(f"mode must give one mode per metric ({', '.join(metrics)}), got {self.mode!r}")
+        counted = [m for m in metrics if m in SPIKE_COST]
+        if counted and not self.train.run.firing_rates:
+            raise ValueError(f"metric {', '.join(counted)} is counted with the firing rates: keep train.firing_rates")
+
+    def _check_scheduler(self) -> None:
+        if self.scheduler.type == "none":
+            return
+        if self.multi_objective:
+            raise ValueError("scheduler: asha ranks trials by one metric; set `scheduler: none` for several (Pareto)")
+        if self.max_t > self.train.run.epochs:
+            raise ValueError(f"scheduler.max_t ({self.max_t}) exceeds the trial's epochs ({self.train.run.epochs})")
+        grace = self.scheduler.grace_period  # ASHA stops trials only before their last epoch
+        if grace >= self.max_t:
+            raise ValueError(f"scheduler.grace_period must be < max_t ({self.max_t}) or scheduler: none, got {grace}")
 
     @property
     def experiment(self) -> str:
@@ -203,241 +310,61 @@ class Sweep:
         return len(self.metrics) > 1
 
 
-FILE_KEYS = tuple(init_fields(Sweep))
+def load_sweep(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, **options: Any) -> Sweep:
+    """Read and validate a sweep file; :class:`SweepError` names the file, the key and the value.
 
-
-def _read_train(raw: Any, train_cli: Sequence[str]) -> Config:
-    if not isinstance(raw, Mapping):
-        raise SweepError(f"train must be a mapping of a preset and training fields ({{preset: tiny}}), got {raw!r}")
-    values = dict(raw)
-    try:
-        cfg = build_config(preset=values.pop("preset", None), overrides=values, cli=list(train_cli))
-        owned = sorted((set(flatten_mapping(values)) | set(parse_cli(train_cli))) & set(TRIAL_OWNED_FIELDS))
-    except ConfigError as exc:
-        raise SweepError(f"train: {exc}") from None
-    if owned:
-        raise SweepError(f"train: {', '.join(owned)} is set by each trial itself; remove it")
-    return apply_overrides(cfg, {"mlflow": True})
-
-
-def _read_space(raw: Any, base: Config) -> dict[str, Param]:
-    if not isinstance(raw, Mapping) or not raw:
-        raise SweepError(
-            "space must be a non-empty mapping of training fields to {type, low, high | values}, "
-            f"e.g. 'v_th: {{type: uniform, low: 0.2, high: 0.8}}'; got {raw!r}"
-        )
-    searchable = [f for f in field_names() if f not in TRIAL_OWNED_FIELDS]
-    space = {}
-    for name, spec in raw.items():
-        where = f"space.{name}"
-        if name in TRIAL_OWNED_FIELDS:
-            raise SweepError(f"{where} cannot be searched: each trial sets it for itself")
-        if name not in searchable:
-            raise SweepError(
-                f"{where} is not a training config field{did_you_mean(name, searchable)}; "
-                f"valid fields: {', '.join(searchable)}"
-            )
-        if not isinstance(spec, Mapping):
-            raise SweepError(f"{where} must be a mapping like {{type: uniform, low: 0.2, high: 0.8}}, got {spec!r}")
-        if spec.get("type") not in PARAMS:
-            raise SweepError(f"{where}.type must be one of {', '.join(map(repr, PARAMS))}, got {spec.get('type')!r}")
-        param = space[name] = build(PARAMS[spec["type"]], spec, where)
-        values = enumerate(param.values) if isinstance(param, Choice) else (("low", param.low), ("high", param.high))
-        for key, value in values:
-            try:
-                apply_overrides(base, {name: value})  # the training config's own type and range checks
-            except ConfigError as exc:
-                raise SweepError(f"{where}.{f'values[{key}]' if isinstance(key, int) else key}: {exc}") from None
-    return space
-
-
-def _read_points(points: Any, space: Mapping[str, Param]) -> tuple[dict, ...]:
-    where = "search.points_to_evaluate"
-    if not isinstance(points, (list, tuple)):
-        raise SweepError(f"{where} must be a list of {{param: value}} mappings, got {points!r}")
-    out = []
-    for i, point in enumerate(points):
-        at = f"{where}[{i}]"
-        if not isinstance(point, Mapping):
-            raise SweepError(f"{at} must be a mapping of {', '.join(space)}, got {point!r}")
-        for key in point:
-            if key not in space:
-                raise unknown_key(at, key, list(space), SweepError)
-        missing = [n for n in space if n not in point]
-        if missing:
-            raise SweepError(f"{at} is missing {', '.join(missing)} (every searched parameter needs a value)")
-        values = {
-            n: float(v) if isinstance(p, Range) and type(v) is int else v
-            for (n, p), v in zip(space.items(), (point[n] for n in space))
-        }
-        for n, p in space.items():
-            if not p.contains(values[n]):
-                raise SweepError(f"{at}.{n} = {values[n]!r} is outside space.{n} {p.describe()}")
-        out.append(values)
-    return tuple(out)
-
-
-def _read_objectives(metric: Any, mode: Any) -> tuple[Any, Any]:
-    """``metric`` and ``mode`` checked: one metric and one mode, or lists of equal length (a missing mode is the
-    metric's natural one: max for *_acc, min for the others)."""
-    many = isinstance(metric, (list, tuple))
-    metrics = list(metric) if many else [metric]
-    for i, m in enumerate(metrics):
-        if m not in METRICS:
-            where = f"metric[{i}]" if many else "metric"
-            choices = ", ".join(map(repr, METRICS))
-            raise SweepError(f"{where} must be one of {choices}, got {m!r}{did_you_mean(m, METRICS)}")
-    if not metrics or len(set(metrics)) < len(metrics):
-        raise SweepError(f"metric must name each metric once, got {metrics}")
-    if mode is None:
-        modes = ["max" if m.endswith("_acc") else "min" for m in metrics]
-    else:
-        modes = list(mode) if isinstance(mode, (list, tuple)) else [mode]
-        if isinstance(mode, (list, tuple)) != many or len(modes) != len(metrics):
-            raise SweepError(
-                f"metric and mode must have the same length: metric is {metric!r}, mode {mode!r} "
-                "(one mode per metric: max or min)"
-            )
-        for i, m in enumerate(modes):
-            if m not in ("max", "min"):
-                where = f"mode[{i}]" if many else "mode"
-                raise SweepError(f"{where} must be one of 'max', 'min', got {m!r}")
-    return (tuple(metrics), tuple(modes)) if len(metrics) > 1 else (metrics[0], modes[0])
-
-
-def _read_scheduler(raw: Any, epochs: int, metric: Any = "val_acc") -> Scheduler:
-    sched = build(Scheduler, {"type": raw} if isinstance(raw, str) else raw, "scheduler")  # `scheduler: none`
-    if sched.type == "asha" and isinstance(metric, tuple):
-        raise SweepError(
-            f"scheduler: asha ranks trials by one metric, but this sweep has {len(metric)} ({', '.join(metric)}): "
-            "it would stop trials that trade one for another, the very trials a Pareto front is made of. Set "
-            "`scheduler: none` for a multi-objective sweep"
-        )
-    max_t = sched.max_t or epochs
-    if sched.type == "asha" and max_t > epochs:
-        raise SweepError(
-            f"scheduler.max_t ({max_t}) exceeds the trial's epochs ({epochs}); lower it or leave "
-            "it out (it defaults to epochs)"
-        )
-    if sched.type == "asha" and sched.grace_period >= max_t:
-        raise SweepError(
-            f"scheduler.grace_period ({sched.grace_period}) must be < max_t ({max_t}): ASHA stops "
-            "trials only at rungs before a trial's last epoch (or set `scheduler: none`)"
-        )
-    return sched
-
-
-def load_sweep(
-    path: str | os.PathLike,
-    train_cli: Sequence[str] = (),
-    num_samples: int | None = None,
-    tracking_uri: str | None = None,
-    metric: Sequence[str] | None = None,
-) -> Sweep:
-    """Read and validate a sweep file; :class:`SweepError` (a ConfigError) names the bad key.
-
-    ``train_cli`` (``--field value`` ...) overrides the base training config of every trial; ``num_samples``
-    and ``tracking_uri`` override the file's ``search.num_samples`` and ``mlflow.tracking_uri``; ``metric``
-    (one or more) the file's ``metric``, each with its natural mode. Several metrics make a multi-objective sweep,
-    which ASHA cannot schedule: the file's ASHA is then turned off, and a note says so.
+    ``overrides`` (training fields, e.g. ``tune.py``'s ``--epochs 2``) change every trial's base config;
+    ``options``: ``num_samples`` and ``tracking_uri`` replace the file's ``search.num_samples`` and
+    ``mlflow.tracking_uri``; ``metric`` (one or more) the file's ``metric``, each with its natural mode. Several
+    metrics make a multi-objective sweep, which ASHA cannot schedule: ASHA is then off, and a note says so.
     """
     try:
-        raw = load_yaml(path, what="sweep file")
+        raw = _command_line(load_yaml(path, what="sweep file"), **options)
+        if "train" in raw:
+            raw["train"] = _read_train(raw["train"], overrides or {})
+        sweep = validate(Sweep, raw)
     except ConfigError as exc:
-        raise SweepError(str(exc)) from None
-    if metric is not None and isinstance(raw, dict):
-        raw = {**raw, "metric": list(metric) if len(metric) > 1 else metric[0]}
-        raw.pop("mode", None)
-        sched = raw.get("scheduler") or {}
-        if len(metric) > 1 and (sched.get("type", "asha") if isinstance(sched, Mapping) else sched) == "asha":
-            print(
-                f"[sweep] {len(metric)} metrics: a multi-objective sweep, so ASHA (which ranks trials by one) is "
-                "off: every trial runs all its epochs"
-            )
-            raw["scheduler"] = "none"
-    try:
-        sweep = _build_sweep(raw, train_cli, num_samples, tracking_uri)
-    except SweepError as exc:
         raise SweepError(f"{path}: {exc}") from None
     object.__setattr__(sweep, "source", str(path))  # not a key of the file
     return sweep
 
 
-def _section(raw: dict, key: str, **overrides: Any) -> dict | None:
-    """The file's ``key`` section (None if absent) with ``overrides`` that are not None put in."""
-    values = raw.get(key)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if not overrides:
-        return values
-    if values is not None and not isinstance(values, Mapping):
-        return values  # build() says what it must be
-    return {**(values or {}), **overrides}
+def _command_line(raw: dict, num_samples=None, tracking_uri=None, metric: Sequence[str] | None = None) -> dict:
+    """The file's keys with tune.py's options put in."""
+    for key, name, value in (("search", "num_samples", num_samples), ("mlflow", "tracking_uri", tracking_uri)):
+        if value is not None and isinstance(raw.get(key) or {}, Mapping):
+            raw[key] = {**(raw.get(key) or {}), name: value}
+    if isinstance(raw.get("scheduler"), str):  # `scheduler: none`
+        raw["scheduler"] = {"type": raw["scheduler"]}
+    if metric is not None:
+        raw.update(metric=list(metric), mode=None)
+    if metric is not None and len(metric) > 1:
+        print(f"[sweep] {len(metric)} metrics: a multi-objective sweep, so ASHA (which ranks trials by one) is off")
+        raw["scheduler"] = {"type": "none"}
+    return raw
 
 
-def _build_sweep(raw: dict, train_cli, num_samples, tracking_uri) -> Sweep:
-    for key in raw:
-        if key not in FILE_KEYS:
-            raise unknown_key("", key, FILE_KEYS, SweepError)
-    for key in ("name", "train", "space"):
-        if key not in raw:
-            raise SweepError(f"missing required key {key!r}; a sweep file has {', '.join(FILE_KEYS)}")
-    train = _read_train(raw["train"], train_cli)
-    space = _read_space(raw["space"], train)
-    metric, mode = _read_objectives(raw.get("metric", "val_acc"), raw.get("mode"))
-    counted = [m for m in ((metric,) if isinstance(metric, str) else metric) if m in SPIKE_COST]
-    if counted and not train.run.firing_rates:
-        raise SweepError(
-            f"metric {', '.join(counted)} is counted during validation with the firing rates: "
-            "train.firing_rates must stay true"
-        )
-    search_raw = _section(raw, "search", num_samples=num_samples)
-    points = search_raw.pop("points_to_evaluate", ()) if isinstance(search_raw, Mapping) else ()
-    search = build(Search, search_raw, "search")
-    points = _read_points(points, space)
-    if search.num_samples < len(points):
-        raise SweepError(
-            f"search.num_samples ({search.num_samples}) is smaller than the {len(points)} points_to_evaluate"
-        )
-    resources = build(Resources, raw.get("resources"), "resources")
+def _read_train(raw: Any, overrides: Mapping[str, Any]) -> Config:
+    if not isinstance(raw, Mapping):
+        raise SweepError(f"train: must be a mapping of a preset and training fields ({{preset: tiny}}), got {raw!r}")
+    values = dict(raw)
+    preset = values.pop("preset", None)
     try:
-        check_global_batch(train.run.batch_size, resources.workers, "resources.workers")
+        given = set(flatten(values)) | set(overrides)
+        cfg = build_config(preset=preset, overrides=values, cli=overrides)
     except ConfigError as exc:
-        raise SweepError(f"train.{exc}") from None
-    sections = {
-        key: build(cls, raw.get(key), key) for key, cls in (("failures", Failures), ("checkpoints", Checkpoints))
-    }
-    sections["mlflow"] = mlflow = build(Mlflow, _section(raw, "mlflow", tracking_uri=tracking_uri), "mlflow")
-    if mlflow.registered_model is not None and isinstance(raw["name"], str):  # the name is checked below
-        name = mlflow.registered_model.replace("{name}", raw["name"])
-        sections["mlflow"] = dataclasses.replace(mlflow, registered_model=name)
-    return build(
-        Sweep,
-        dict(
-            name=raw["name"],
-            train=train,
-            space=space,
-            search=dataclasses.replace(search, points_to_evaluate=points),
-            scheduler=_read_scheduler(raw.get("scheduler"), train.run.epochs, metric),
-            metric=metric,
-            mode=mode,
-            resources=resources,
-            **sections,
-        ),
-    )
+        raise SweepError(f"train: {exc}") from None
+    owned = sorted(given & set(TRIAL_OWNED_FIELDS))
+    if owned:
+        raise SweepError(f"train.{owned[0]}: each trial sets it for itself; remove it")
+    return apply_overrides(cfg, {"mlflow": True})
 
 
 def sweep_to_dict(sweep: Sweep) -> dict[str, Any]:
     """The resolved sweep as plain data (what ran, command-line overrides included), e.g. for YAML."""
-    out = {"name": sweep.name, "train": config_to_dict(sweep.train)}
-    out["space"] = {
-        n: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(p).items()}
-        for n, p in sweep.space.items()
+    return {
+        k: v for k, v in TypeAdapter(Sweep).dump_python(sweep, mode="json", warnings=False).items() if k != "source"
     }
-    for key in ("search", "scheduler", "resources", "failures", "mlflow", "checkpoints"):
-        out[key] = dataclasses.asdict(getattr(sweep, key))
-    out["search"]["points_to_evaluate"] = [dict(p) for p in sweep.search.points_to_evaluate]
-    out["metric"], out["mode"] = (list(v) if isinstance(v, tuple) else v for v in (sweep.metric, sweep.mode))
-    return out
 
 
 def sweep_yaml(sweep: Sweep) -> str:
