@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements.lock
 ARGS ?=
 
-.PHONY: help install test test-fast lint train sweep ui bench clean
+.PHONY: help install lock test test-fast lint train sweep ui bench clean
 
 help:
 	@echo "make train   train ResNet-19 on MNIST (GPUs: 'seed' preset under torchrun on all of them; else 'cpu')"
@@ -14,14 +15,23 @@ help:
 	@echo "             run again: a new sweep (smoke-2, ...); ARGS=--resume continues the latest, ARGS='--resume smoke-2' that one"
 	@echo "             ARGS='--metric val_acc,sops_per_image': accuracy against synaptic operations (the Pareto front)"
 	@echo "make ui      MLflow UI on the local store (mlflow.db)"
-	@echo "make test    the test suite;  make lint   ruff;  make bench   CPU benchmarks"
+	@echo "make test    the whole test suite;  make test-fast   without the tests marked slow"
+	@echo "make lint    ruff check and ruff format --check;  make bench   CPU benchmarks"
+	@echo "make install the .venv, pinned by requirements.lock;  make lock   re-resolve and re-pin it"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve pyproject.toml's ranges in a scratch venv and pin what that installs (commit the new lock).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	{ sed -n '1,2p' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 test: $(STAMP)
 	$(PY) -m pytest -q
