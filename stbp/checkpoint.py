@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .model import MODEL_KWARGS, resnet19
+from .model import resnet19, resnet19_options
 
 __all__ = ["CheckpointError", "CheckpointDir", "FORMAT", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
 
@@ -72,7 +72,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
-    kwargs = {k: v for k, v in state["model_kwargs"].items() if k in MODEL_KWARGS}
+    accepted = resnet19_options()  # a key this version's model no longer takes is left out
+    kwargs = {k: v for k, v in state["model_kwargs"].items() if k in accepted}
     model = resnet19(**kwargs)
     try:
         model.load_state_dict(state["model"])

@@ -9,26 +9,16 @@ can only be 0, 0.5 or 1).
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from torch import Tensor, nn
 
 from .conv import SpikeConv2d
 from .neuron import LIF
 from .tdbn import RESIDUAL_ALPHA, TdBN
 
-__all__ = ["BasicBlock", "SpikingResNet", "resnet19", "MODEL_KWARGS"]
-
-# The keyword arguments of resnet19(); checkpoints store exactly these to rebuild a model.
-MODEL_KWARGS = (
-    "num_classes",
-    "in_channels",
-    "timesteps",
-    "v_th",
-    "aa",
-    "tau",
-    "width",
-    "readout",
-    "fast_lif",
-)
+__all__ = ["BasicBlock", "SpikingResNet", "resnet19", "resnet19_options"]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -155,39 +145,30 @@ class SpikingResNet(nn.Module):
         return x if per_step else x.mean(0)
 
 
-def resnet19(
-    num_classes: int = 10,
-    in_channels: int = 1,
-    timesteps: int = 2,
-    v_th: float = 0.4,
-    aa: float = 0.5,
-    tau: float = 0.25,
-    width: float = 1.0,
-    readout: str = "mean",
-    fast_lif: bool = True,
-    hidden: int = 256,
-) -> SpikingResNet:
+def resnet19(width: float = 1.0, **options: Any) -> SpikingResNet:
     """Spiking ResNet-19: conv3x3,128; [3x3,128]x2 x3; [3x3,256]x2 x3 (stride 2); [3x3,512]x2 x2 (stride 2);
     global average pool; FC ``hidden`` (256) -> LIF; FC ``num_classes``. ``width`` scales every convolution's
     channel count. The spiking FC layer keeps its 256 units at any width: at T=2 it is a 2-step binary code, and
     narrowed with the convolutions (32 units at width 0.125) it became the bottleneck of narrow CPU models
     (54% vs 73% test accuracy after 150 steps in a side-by-side run).
 
+    ``options`` are :class:`SpikingResNet`'s own keyword arguments (neurons, readout, input and output sizes,
+    ``hidden``), declared and defaulted there only; :func:`resnet19_options` lists what this function accepts.
+
     With ``in_channels=3`` and ``width=1`` it has 12,697,994 parameters.
     """
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
     ch = lambda c: max(1, round(c * width))
-    return SpikingResNet(
-        stages=((ch(128), 3, 1), (ch(256), 3, 2), (ch(512), 2, 2)),
-        stem_channels=ch(128),
-        hidden=hidden,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        timesteps=timesteps,
-        v_th=v_th,
-        aa=aa,
-        tau=tau,
-        readout=readout,
-        fast_lif=fast_lif,
-    )
+    return SpikingResNet(stages=((ch(128), 3, 1), (ch(256), 3, 2), (ch(512), 2, 2)), stem_channels=ch(128), **options)
+
+
+# What resnet19() derives from ``width`` rather than taking.
+_LAYOUT = ("stages", "stem_channels")
+
+
+def resnet19_options() -> tuple[str, ...]:
+    """The keyword arguments of :func:`resnet19`: ``width`` and :class:`SpikingResNet`'s own but the layout it
+    derives from ``width``. A checkpoint's ``model_kwargs`` are these (those a config sets)."""
+    params = inspect.signature(SpikingResNet.__init__).parameters
+    return ("width", *(name for name in params if name != "self" and name not in _LAYOUT))

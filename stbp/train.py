@@ -27,7 +27,7 @@ from .data import DeviceDataset, load_dataset
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
-from .model import MODEL_KWARGS, resnet19
+from .model import resnet19, resnet19_options
 from .monitor import SPIKE_COST, firing_rate_chart, rate_table
 from .recipe import WeightEMA, amp_dtype, build_optimizer, cpu_has_native_bf16, lr_at
 from .tdbn import convert_sync_tdbn
@@ -60,7 +60,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    return {k: getattr(cfg.model, k) for k in MODEL_KWARGS}
+    """The model section's fields that :func:`resnet19` takes (what a checkpoint stores to rebuild the network)."""
+    return {k: getattr(cfg.model, k) for k in resnet19_options() if hasattr(cfg.model, k)}
 
 
 def tet_loss(outputs: Tensor, labels: Tensor, lamb: float, phi: float, label_smoothing: float = 0.0) -> Tensor:

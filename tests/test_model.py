@@ -50,6 +50,25 @@ def test_width_scales_every_convolution_but_not_the_spiking_fc_layer():
     assert m.fc1.in_features == 64 and m.fc1.out_features == 256
 
 
+def test_resnet19_takes_spikingresnets_own_options_and_a_checkpoints_stored_ones():
+    from stbp.checkpoint import build_model_from_checkpoint
+    from stbp.model import resnet19_options
+
+    m = resnet19(width=0.0625, hidden=32, v_th=0.3, readout="spikes")
+    assert (m.fc1.out_features, m.readout, m.lif1.v_th) == (32, "spikes", 0.3)
+    neuron_and_io = {"hidden", "num_classes", "in_channels", "timesteps", "v_th", "aa", "tau", "readout", "fast_lif"}
+    assert set(resnet19_options()) == {"width"} | neuron_and_io
+    with pytest.raises(TypeError):
+        resnet19(width=0.0625, stem_channels=8)  # the layout is width's
+    # What checkpoints hold under model_kwargs, plus a key the model does not take: it is left out.
+    stored = dict(num_classes=10, in_channels=1, timesteps=2, v_th=0.3, aa=0.5, tau=0.25, width=0.0625)
+    stored |= dict(readout="spikes", fast_lif=True, sync_bn=False)
+    trained = resnet19(**{k: v for k, v in stored.items() if k != "sync_bn"})
+    rebuilt = build_model_from_checkpoint({"model_kwargs": stored, "model": trained.state_dict()}).eval()
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(rebuilt(x), trained.eval()(x))
+
+
 def test_mean_readout_is_time_mean_of_last_layer():
     m = resnet19(width=0.0625, timesteps=3).eval()
     captured = {}
