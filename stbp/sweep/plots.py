@@ -31,29 +31,25 @@ def _axes_params(sweep: Sweep) -> list:
     return [(name, sweep.space[name]) for name in names]
 
 
-def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path | None:
-    """Every trial at its (x, y) searched values, coloured by its metric; the best one starred, the reference
-    setting (v_th 0.4, aa 0.5) ringed."""
-    plt = _pyplot()
-    axes = _axes_params(sweep)
+def _coord(param, value):
+    """Where ``value`` of ``param`` is drawn: a choice at its index, a number at itself."""
+    return param.values.index(value) if param.type == "choice" and value in param.values else value
 
-    def coord(param, value):  # choices are drawn at their index
-        return param.values.index(value) if param.type == "choice" and value in param.values else value
 
-    def xy(row):
-        (xname, xparam), *rest = axes
-        x = coord(xparam, row.params[xname])
-        y = coord(rest[0][1], row.params[rest[0][0]]) if rest else row.value
-        return x, y
+def _landscape_point(axes: list, row: TrialRow) -> tuple:
+    """``row``'s (x, y): its values of the two plotted parameters, or of the one and its metric."""
+    (xname, xparam), *rest = axes
+    x = _coord(xparam, row.params[xname])
+    y = _coord(rest[0][1], row.params[rest[0][0]]) if rest else row.value
+    return x, y
 
-    scored = [r for r in rows if r.value is not None and None not in r.params.values()]
-    if not scored:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+
+def _scatter_outcomes(ax, scored: Sequence[TrialRow], axes: list):
+    """The trials, one marker per outcome, coloured by their metric on one scale; the last scatter (for a colorbar)."""
     values = [r.value for r in scored]
     for outcome in sorted({r.outcome for r in scored}):
         group = [r for r in scored if r.outcome == outcome]
-        pts = [xy(r) for r in group]
+        pts = [_landscape_point(axes, r) for r in group]
         sc = ax.scatter(
             [p[0] for p in pts],
             [p[1] for p in pts],
@@ -67,19 +63,14 @@ def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path |
             linewidths=0.5,
             label=outcome,
         )
-    fig.colorbar(sc, ax=ax, label=f"best {sweep.metric}")
-    best = scored[0]
-    bx, by = xy(best)
-    ax.scatter(
-        [bx],
-        [by],
-        marker="*",
-        s=400,
-        facecolors="none",
-        edgecolors="red",
-        linewidths=2,
-        label=f"best: {sweep.metric} {best.value:.4g}",
-    )
+    return sc
+
+
+def _mark_best_and_reference(ax, best: TrialRow, sweep: Sweep, axes: list) -> None:
+    """The best trial starred; the reference setting ringed when the axes are v_th and aa."""
+    bx, by = _landscape_point(axes, best)
+    label = f"best: {sweep.metric} {best.value:.4g}"
+    ax.scatter([bx], [by], marker="*", s=400, facecolors="none", edgecolors="red", linewidths=2, label=label)
     if [name for name, _ in axes] == ["v_th", "aa"]:
         ax.scatter(
             [REFERENCE["v_th"]],
@@ -91,6 +82,10 @@ def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path |
             linewidths=2,
             label="reference setting (v_th 0.4, aa 0.5)",
         )
+
+
+def _landscape_axes(ax, axes: list, sweep: Sweep) -> None:
+    """Each axis named, ticked (choices), log-scaled (loguniform) or spanning the whole searched range."""
     setters = (
         (ax.set_xlabel, ax.set_xscale, ax.set_xlim, ax.set_xticks),
         (ax.set_ylabel, ax.set_yscale, ax.set_ylim, ax.set_yticks),
@@ -107,6 +102,20 @@ def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path |
             limits(param.low - margin, param.high + margin)
     if len(axes) == 1:
         ax.set_ylabel(sweep.metric)
+
+
+def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path | None:
+    """Every trial at its (x, y) searched values, coloured by its metric; the best one starred, the reference
+    setting (v_th 0.4, aa 0.5) ringed."""
+    plt = _pyplot()
+    axes = _axes_params(sweep)
+    scored = [r for r in rows if r.value is not None and None not in r.params.values()]
+    if not scored:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    fig.colorbar(_scatter_outcomes(ax, scored, axes), ax=ax, label=f"best {sweep.metric}")
+    _mark_best_and_reference(ax, scored[0], sweep, axes)
+    _landscape_axes(ax, axes, sweep)
     title_axes = " x ".join(name for name, _ in axes)
     ax.set_title(f"Sweep {sweep.name}: {title_axes} landscape ({len(scored)} trials)")
     ax.legend(loc="best", fontsize=8)

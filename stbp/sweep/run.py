@@ -227,6 +227,45 @@ def _start_ray(address: str | None) -> None:
     )
 
 
+def _checked_sweep(
+    sweep: Sweep, address: str | None, resume: bool | str, storage: str | os.PathLike | None
+) -> tuple[Sweep, Path, str]:
+    """Everything that can refuse, before Ray starts: the tracking store, the sweep's name and directory, and (on
+    this machine) its resources and data. The sweep as it runs (its name settled), its directory, the store."""
+    tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri)
+    check_tracking_uri(tracking_uri)
+    storage = Path(storage or "ray_results").expanduser().resolve()
+    sweep = _resolve_sweep(sweep, storage, resume)
+    sweep_dir = storage / sweep.name
+    _check_sweep_dir(sweep, sweep_dir, resume, tracking_uri)
+    print(f"[sweep] {'continuing' if resume else 'starting'} sweep {sweep.name!r} in {sweep_dir}", flush=True)
+    if not address:
+        _check_local_resources(sweep.resources)
+        _check_data(sweep.train)
+    elif not tracking_uri.startswith(("http://", "https://")):
+        print(
+            f"[sweep] warning: trials on other nodes cannot write to {tracking_uri}; give --tracking_uri "
+            "of an MLflow tracking server (and --storage on storage all nodes share)"
+        )
+    return sweep, sweep_dir, tracking_uri
+
+
+def _outcome(sweep: Sweep, record, sweep_dir: Path) -> int:
+    """The report of a sweep whose every trial ended (0), or how to continue an interrupted one (130)."""
+    # MLflow, not Tune's result grid, tells whether every trial ended: Tune marks the trials it stops on
+    # an interrupt as terminated too.
+    rows = collect_rows(record, sweep)
+    done = sum(row.ended for row in rows)
+    if done < sweep.search.num_samples:
+        mark_parent(record, "KILLED")
+        print(
+            f"\nSweep {sweep.name!r} interrupted after {done} of {sweep.search.num_samples} trials; continue "
+            f"it with the same command plus --resume (its state is in {sweep_dir})."
+        )
+        return 130
+    return report(sweep, record, rows, sweep_dir)
+
+
 def run_sweep(
     sweep: Sweep,
     *,
@@ -245,21 +284,7 @@ def run_sweep(
 
     from ..data import resolve_data_dir
 
-    tracking_uri = resolve_tracking_uri(sweep.mlflow.tracking_uri)
-    check_tracking_uri(tracking_uri)
-    storage = Path(storage or "ray_results").expanduser().resolve()
-    sweep = _resolve_sweep(sweep, storage, resume)
-    sweep_dir = storage / sweep.name
-    _check_sweep_dir(sweep, sweep_dir, resume, tracking_uri)
-    print(f"[sweep] {'continuing' if resume else 'starting'} sweep {sweep.name!r} in {sweep_dir}", flush=True)
-    if not address:
-        _check_local_resources(sweep.resources)
-        _check_data(sweep.train)
-    elif not tracking_uri.startswith(("http://", "https://")):
-        print(
-            f"[sweep] warning: trials on other nodes cannot write to {tracking_uri}; give --tracking_uri "
-            "of an MLflow tracking server (and --storage on storage all nodes share)"
-        )
+    sweep, sweep_dir, tracking_uri = _checked_sweep(sweep, address, resume, storage)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     saved = sweep_dir / SWEEP_FILE
     if not resume:
@@ -282,15 +307,4 @@ def run_sweep(
         raise
     finally:
         ray.shutdown()
-    # MLflow, not Tune's result grid, tells whether every trial ended: Tune marks the trials it stops on
-    # an interrupt as terminated too.
-    rows = collect_rows(record, sweep)
-    done = sum(row.ended for row in rows)
-    if done < sweep.search.num_samples:
-        mark_parent(record, "KILLED")
-        print(
-            f"\nSweep {sweep.name!r} interrupted after {done} of {sweep.search.num_samples} trials; continue "
-            f"it with the same command plus --resume (its state is in {sweep_dir})."
-        )
-        return 130
-    return report(sweep, record, rows, sweep_dir)
+    return _outcome(sweep, record, sweep_dir)
