@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stbp.checkpoint import load_checkpoint  # noqa: E402
-from stbp.data import load_mnist, normalize  # noqa: E402
+from stbp.data import load_dataset, normalize  # noqa: E402
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def main() -> None:
     args = p.parse_args()
     model, cfg = load_checkpoint(args.checkpoint, map_location=args.device)
     model = model.to(args.device, memory_format=torch.channels_last).eval()
-    mnist = load_mnist(cfg.data.data_dir, download=False)
+    mnist = load_dataset("mnist", cfg.data.data_dir, download=False)
     images = mnist.test_images[: args.limit].to(args.device)
     labels = mnist.test_labels[: args.limit].to(args.device)
     fp32, t32 = predictions(model, images, args.batch, amp=False)

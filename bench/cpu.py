@@ -111,15 +111,15 @@ def log(msg: str) -> None:
 
 def mnist_tensors():
     """Real MNIST (``$STBP_DATA_DIR``) when present, else random uint8 images of the same shape (said so)."""
-    from stbp.data import DataNotFoundError, MNISTTensors, load_mnist
+    from stbp.data import DataNotFoundError, DatasetTensors, load_dataset
 
     try:
-        return load_mnist(download=False), "MNIST"
+        return load_dataset("mnist", download=False), "MNIST"
     except DataNotFoundError:
         g = torch.Generator().manual_seed(0)
         rand = lambda n: torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
         labels = lambda n: torch.randint(0, 10, (n,), generator=g)
-        return MNISTTensors(rand(60000), labels(60000), rand(10000), labels(10000)), "synthetic (no MNIST found)"
+        return DatasetTensors(rand(60000), labels(60000), rand(10000), labels(10000)), "synthetic (no MNIST found)"
 
 
 def image_batch(tensors, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,12 +236,12 @@ def profile_rows(profile: dict) -> list[dict]:
 
 
 def bench_loader(tensors, batch: int, repeats: int, batches_per_call: int = 20) -> dict:
-    """Images/s out of ``DeviceMNIST.train_batches`` (crop padding 4 + hflip) vs ours' training step at the
+    """Images/s out of ``DeviceDataset.train_batches`` (crop padding 4 + hflip) vs ours' training step at the
     ``cpu`` preset (width 0.125, T=2, same batch), timed in alternation."""
-    from stbp.data import DeviceMNIST
+    from stbp.data import DeviceDataset
 
     cpu = torch.device("cpu")
-    data = DeviceMNIST(tensors, cpu)
+    data = DeviceDataset(tensors, cpu)
 
     def batches():
         for epoch in itertools.count():
@@ -432,7 +432,7 @@ def print_report(report: dict) -> None:
     if "loader" in report:
         ld = report["loader"]
         print(
-            f"\nLoader (DeviceMNIST.train_batches, crop padding 4 + hflip, batch {ld['batch']}): "
+            f"\nLoader (DeviceDataset.train_batches, crop padding 4 + hflip, batch {ld['batch']}): "
             f"{ld['loader_images_per_s']:,.0f} img/s; ours at the cpu preset (width 0.125, T=2): "
             f"{ld['model_images_per_s']:,.1f} img/s; loader / model = {ld['loader_over_model']:,.0f}x"
         )

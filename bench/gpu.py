@@ -9,7 +9,7 @@ seconds of one 45,000-image epoch and peak memory (``--no-cifar`` skips it).
 Per run: images/s, ms per step, estimated MFU (analytic conv/linear FLOPs x2 x3 for forward + backward, against
 ``--peak-tflops``, 989 = H200 bf16 dense), projected seconds per MNIST epoch (54,000 images), peak memory of a
 training step (``torch.cuda.max_memory_allocated``, or saved-tensor bytes on CPU) and, for the baselines, our
-speed-up over them at the same batch. Also the loader (``DeviceMNIST.train_batches``, synthetic MNIST-shaped
+speed-up over them at the same batch. Also the loader (``DeviceDataset.train_batches``, synthetic MNIST-shaped
 data) on the device. Needs only torch (and this repository); SpikingJelly is timed when importable. Results are
 written as JSON after every run to ``$OUT/bench_gpu.json`` if ``$OUT`` is set, else ``./bench_gpu.json``.
 """
@@ -154,13 +154,13 @@ def timed(step, net, batch: int, args, device: torch.device, flops: float) -> di
 
 
 def bench_loader(device: torch.device, batch: int, n_batches: int) -> dict:
-    """Images/s out of ``DeviceMNIST.train_batches`` (crop padding 4 + hflip) on ``device``."""
-    from stbp.data import DeviceMNIST, MNISTTensors
+    """Images/s out of ``DeviceDataset.train_batches`` (crop padding 4 + hflip) on ``device``."""
+    from stbp.data import DatasetTensors, DeviceDataset
 
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
     labels = lambda n: torch.randint(0, 10, (n,), generator=g)
-    data = DeviceMNIST(MNISTTensors(rand(60000), labels(60000), rand(10000), labels(10000)), device)
+    data = DeviceDataset(DatasetTensors(rand(60000), labels(60000), rand(10000), labels(10000)), device)
 
     def consume() -> None:
         for x, _ in itertools.islice(data.train_batches(0, batch, padding=4, hflip=True), n_batches):

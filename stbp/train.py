@@ -29,21 +29,10 @@ from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, te
 from .evaluate import evaluate
 from .model import resnet19, resnet19_options
 from .monitor import SPIKE_COST, firing_rate_chart, rate_table
-from .recipe import WeightEMA, amp_dtype, build_optimizer, cpu_has_native_bf16, lr_at
+from .recipe import WeightEMA, amp_dtype, build_optimizer, lr_at
 from .tdbn import convert_sync_tdbn
 
-__all__ = [
-    "train",
-    "train_step",
-    "tet_loss",
-    "EarlyStopping",
-    "TrainingDiverged",
-    "Callback",
-    "lr_at",
-    "model_kwargs",
-    "amp_dtype",
-    "cpu_has_native_bf16",
-]  # the recipe's names stay importable from here
+__all__ = ["train", "train_step", "tet_loss", "EarlyStopping", "TrainingDiverged", "Callback", "model_kwargs"]
 
 Callback = Callable[[int, dict[str, float], "str | None"], None]
 

@@ -18,6 +18,6 @@ def data_dir() -> str:
 
 @pytest.fixture(scope="session")
 def mnist(data_dir):
-    from stbp.data import load_mnist
+    from stbp.data import load_dataset
 
-    return load_mnist(data_dir, download=False)
+    return load_dataset("mnist", data_dir, download=False)

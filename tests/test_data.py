@@ -17,10 +17,10 @@ from stbp.data import (
     MNIST_MEAN,
     MNIST_STD,
     DataNotFoundError,
-    DeviceMNIST,
+    DeviceDataset,
     augment,
     epoch_indices,
-    load_mnist,
+    load_dataset,
     normalize,
     resolve_data_dir,
     split_train_val,
@@ -32,12 +32,12 @@ DATA_DIR = Path(os.environ.get("STBP_DATA_DIR") or Path(__file__).resolve().pare
 
 @pytest.fixture(scope="module")
 def mnist():
-    return load_mnist(DATA_DIR, download=False)
+    return load_dataset("mnist", DATA_DIR, download=False)
 
 
 @pytest.fixture(scope="module")
 def dm(mnist):
-    return DeviceMNIST(mnist, "cpu", val_size=6000, seed=0)
+    return DeviceDataset(mnist, "cpu", val_size=6000, seed=0)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -53,7 +53,7 @@ def test_constants():
     assert MNIST_MEAN == 0.1307 and MNIST_STD == 0.3081
 
 
-def test_load_mnist_shapes(mnist):
+def test_load_dataset_mnist_shapes(mnist):
     assert mnist.train_images.shape == (60000, 28, 28) and mnist.train_images.dtype == torch.uint8
     assert mnist.test_images.shape == (10000, 28, 28) and mnist.test_images.dtype == torch.uint8
     assert mnist.train_labels.shape == (60000,) and mnist.train_labels.dtype == torch.int64
@@ -79,7 +79,7 @@ def test_resolve_data_dir(monkeypatch, tmp_path):
 def test_missing_dir_no_download(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataNotFoundError) as ei:
-        load_mnist(missing, download=False)
+        load_dataset("mnist", missing, download=False)
     msg = str(ei.value)
     assert str(missing / "MNIST" / "raw") in msg
     assert "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg
@@ -90,7 +90,7 @@ def test_missing_dir_no_download(tmp_path):
 def test_missing_dir_uses_env(monkeypatch, tmp_path):
     monkeypatch.setenv("STBP_DATA_DIR", str(tmp_path / "envdir"))
     with pytest.raises(DataNotFoundError, match="envdir"):
-        load_mnist(None, download=False)
+        load_dataset("mnist", None, download=False)
 
 
 def _offline(*args, **kwargs):
@@ -101,7 +101,7 @@ def test_offline_download_fails_fast(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", _offline)
     t0 = time.monotonic()
     with pytest.raises(DataNotFoundError) as ei:
-        load_mnist(tmp_path / "dl", download=True, timeout=5.0)
+        load_dataset("mnist", tmp_path / "dl", download=True, timeout=5.0)
     assert time.monotonic() - t0 < 30
     msg = str(ei.value)
     assert str(tmp_path / "dl" / "MNIST" / "raw") in msg and "download failed" in msg
@@ -113,7 +113,7 @@ def test_offline_torchvision_error_is_wrapped(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", _offline)
     t0 = time.monotonic()
     with pytest.raises(DataNotFoundError, match="download failed"):
-        load_mnist(tmp_path / "dl2", download=True, timeout=5.0)
+        load_dataset("mnist", tmp_path / "dl2", download=True, timeout=5.0)
     assert time.monotonic() - t0 < 30
 
 
@@ -220,17 +220,17 @@ def test_augment_deterministic(mnist):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-# ------------------------------------------------------------------------------------------------ DeviceMNIST
+# ---------------------------------------------------------------------------------------------- DeviceDataset
 
 
-def test_device_mnist_sizes(mnist, dm):
+def test_device_dataset_sizes(mnist, dm):
     assert (dm.n_train, dm.n_val, dm.n_test) == (54000, 6000, 10000)
     assert dm.train_images.dtype == torch.uint8 and dm.train_labels.dtype == torch.int64
-    small = DeviceMNIST(mnist, "cpu", val_size=6000, train_size=1000, seed=0)
+    small = DeviceDataset(mnist, "cpu", val_size=6000, train_size=1000, seed=0)
     assert small.n_train == 1000 and small.n_val == 6000
     assert torch.equal(small.train_images, dm.train_images[:1000])
     with pytest.raises(ValueError):
-        DeviceMNIST(mnist, "cpu", val_size=6000, train_size=54001)
+        DeviceDataset(mnist, "cpu", val_size=6000, train_size=54001)
     # val and train images come from disjoint index sets of the 60k training set
     train_idx, val_idx = split_train_val(60000, 6000, 0)
     assert torch.equal(dm.val_labels, mnist.train_labels[val_idx])
@@ -238,7 +238,7 @@ def test_device_mnist_sizes(mnist, dm):
 
 
 def test_train_batches(mnist):
-    d = DeviceMNIST(mnist, "cpu", val_size=6000, train_size=1000, seed=0)
+    d = DeviceDataset(mnist, "cpu", val_size=6000, train_size=1000, seed=0)
     gb, ws = 128, 2
     assert d.num_train_steps(gb, ws) == 7
     for rank in range(ws):
@@ -278,7 +278,7 @@ def test_eval_batches_cover_once(dm, split, ws, bs):
 
 
 def test_eval_batches_odd_split(mnist):
-    d = DeviceMNIST(mnist, "cpu", val_size=1001, train_size=100, seed=2)
+    d = DeviceDataset(mnist, "cpu", val_size=1001, train_size=100, seed=2)
     sizes = [sum(y.numel() for _, y in d.eval_batches("val", 100, 2, r)) for r in range(2)]
     assert sorted(sizes) == [500, 501]
     with pytest.raises(ValueError):
@@ -287,7 +287,7 @@ def test_eval_batches_odd_split(mnist):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_per_batch_path_has_no_host_sync(mnist):
-    d = DeviceMNIST(mnist, "cuda", val_size=6000, train_size=4096, seed=0)
+    d = DeviceDataset(mnist, "cuda", val_size=6000, train_size=4096, seed=0)
     it = d.train_batches(0, 512, 2, 1, padding=4, hflip=True)
     next(it)  # the once-per-epoch index upload happens here
     torch.cuda.synchronize()
@@ -300,7 +300,7 @@ def test_cuda_per_batch_path_has_no_host_sync(mnist):
     assert n == d.num_train_steps(512, 2) == 8
     assert all(x.is_cuda and y.is_cuda for x, y in ev)
     # same batches as on the CPU (indices are drawn on the CPU; augmentation differs by generator device)
-    c = DeviceMNIST(mnist, "cpu", val_size=6000, train_size=4096, seed=0)
+    c = DeviceDataset(mnist, "cpu", val_size=6000, train_size=4096, seed=0)
     xg, yg = next(d.train_batches(0, 512, 2, 1, padding=0))
     xc, yc = next(c.train_batches(0, 512, 2, 1, padding=0))
     assert torch.equal(yg.cpu(), yc) and torch.equal(xg.cpu(), xc)

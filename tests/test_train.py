@@ -14,7 +14,8 @@ from stbp import load_checkpoint, resnet19
 from stbp.checkpoint import read_checkpoint
 from stbp.config import ConfigError, build_config
 from stbp.data import DataNotFoundError
-from stbp.train import TrainingDiverged, lr_at, train
+from stbp.recipe import lr_at
+from stbp.train import TrainingDiverged, train
 from tests._dist import free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,10 +34,8 @@ __all__ = [
     "DataNotFoundError",
     "DataFormatError",
     "DatasetTensors",
-    "MNISTTensors",
     "resolve_data_dir",
     "load_dataset",
-    "load_mnist",
     "DATA_DIR_ENV",
 ]
 
@@ -69,9 +67,6 @@ class DatasetTensors(NamedTuple):
     train_labels: Tensor
     test_images: Tensor
     test_labels: Tensor
-
-
-MNISTTensors = DatasetTensors
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
@@ -308,10 +303,3 @@ def load_dataset(
 
 
 _LOADED: dict[tuple, DatasetTensors] = {}
-
-
-def load_mnist(
-    data_dir: str | os.PathLike | None = None, download: bool = True, *, timeout: float = 10.0
-) -> DatasetTensors:
-    """MNIST: :func:`load_dataset` ``("mnist", ...)``."""
-    return load_dataset("mnist", data_dir, download, timeout=timeout)

@@ -26,7 +26,6 @@ __all__ = [
     "normalize",
     "augment",
     "DeviceDataset",
-    "DeviceMNIST",
 ]
 
 MNIST_MEAN = 0.1307
@@ -286,6 +285,3 @@ class DeviceDataset:
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
             yield normalize(images[lo:hi], self.mean, self.std), labels[lo:hi]
-
-
-DeviceMNIST = DeviceDataset
