@@ -287,10 +287,6 @@ def _load_presets() -> Mapping[str, Mapping[str, Any]]:
 PRESETS = _load_presets()
 
 
-def preset_names() -> list[str]:
-    return sorted(PRESETS)
-
-
 def build_config(
     preset: str | None = None,
     yaml_path: str | os.PathLike | None = None,
@@ -335,11 +331,12 @@ def config_parser(exclude=(), files: bool = True, schema=None, **kwargs: Any) ->
         parser.add_argument("--schema", nargs=0, action=_Schema, const=schema, help="print the file's JSON Schema")
     if files:
         parser.add_argument("--config", metavar="FILE", help="a YAML config file (fields flat or by section)")
-        parser.add_argument("--preset", metavar="NAME", help=f"start from a preset: {', '.join(preset_names())}")
+        parser.add_argument("--preset", metavar="NAME", help=f"start from a preset: {', '.join(PRESETS)}")
+    parser.fields = [name for name in FIELDS if name not in exclude]  # what parse_args types and returns
     for sec, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{sec} (--{sec}.FIELD works too)", cls.__doc__)
         for name, info in cls.__pydantic_fields__.items():
-            if name in exclude:
+            if name not in parser.fields:
                 continue
             text = f"{info.description} (default: {info.get_default(call_default_factory=True)})"
             kwargs = dict(dest=name, metavar="VALUE", help=text.replace("%", "%%"))
@@ -363,7 +360,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[ar
         options = [o.lstrip("-") for o in parser._option_string_actions]
         bad = unknown[0].lstrip("-").partition("=")[0]
         raise ConfigError(f"unknown option {unknown[0]!r}{did_you_mean(bad, options)}")
-    return namespace, {k: _typed(k, v) for k, v in vars(namespace).items() if k in FIELDS}
+    return namespace, {k: _typed(k, v) for k, v in vars(namespace).items() if k in parser.fields}
 
 
 def parse_cli(argv: Sequence[str]) -> dict[str, Any]:
