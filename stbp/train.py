@@ -1,16 +1,16 @@
 """The one training function: ``train(cfg)``. ``train_ddp.py`` and the Ray Tune trials both call it.
 
 Per epoch: on-device shuffled shards -> :func:`train_step` with no host sync (metrics accumulate on the device; a
-sync every ``log_interval`` steps checks for divergence and updates the progress bar) -> one all-reduce of sums and
-counts -> validation (:func:`stbp.evaluate.evaluate`) -> :class:`EarlyStopping` -> checkpoints
-(:class:`~stbp.checkpoint.CheckpointDir`, rank 0) -> MLflow (rank 0) -> ``callback`` (every rank).
+sync every ``log_interval`` steps checks for divergence and updates the display, :class:`~stbp.progress.Progress`)
+-> one all-reduce of sums and counts -> validation (:func:`stbp.evaluate.evaluate`) -> :class:`EarlyStopping` ->
+checkpoints (:class:`~stbp.checkpoint.CheckpointDir`, rank 0) -> MLflow (:class:`~stbp.publishing.Publisher`,
+rank 0) -> ``callback`` (every rank).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -28,7 +28,9 @@ from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
 from .model import resnet19, resnet19_options
-from .monitor import SPIKE_COST, firing_rate_chart, rate_table
+from .monitor import SPIKE_COST
+from .progress import Progress
+from .publishing import Publisher
 from .recipe import WeightEMA, amp_dtype, build_optimizer, lr_at
 from .tdbn import convert_sync_tdbn
 
@@ -123,11 +125,21 @@ class _Trainer:
         self.tet = (cfg.optim.tet_lambda, cfg.optim.tet_phi) if cfg.optim.loss == "tet" else None
         self.start_epoch, self.history, self.best_val_acc = 0, [], -1.0
         self.log = print if env.is_primary else (lambda *a, **k: None)
+        self.progress = Progress(env.is_primary, cfg.run.epochs, cfg.run.batch_size)
+        self.mlflow_run_id: str | None = cfg.tracking.run_id
+        # Made by setup(), before the first step.
+        self.data: DeviceDataset | None = None
+        self.steps = 0  # training steps an epoch
+        self.raw_model: nn.Module | None = None  # the network itself; model is what trains it (DDP, compiled)
+        self.model: nn.Module | None = None
+        self.ema: WeightEMA | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.publisher: Publisher | None = None
 
     # ---- set-up: everything that can refuse happens before the first step ----------------------------
     def setup(self) -> None:
-        cfg, env = self.cfg, self.env
-        check_global_batch(cfg.run.batch_size, env.world_size)
+        cfg = self.cfg
+        check_global_batch(cfg.run.batch_size, self.env.world_size)
         spec = DATASETS[cfg.data.dataset]
         if cfg.model.in_channels != spec.channels or cfg.model.num_classes < spec.classes:
             raise ConfigError(
@@ -135,6 +147,16 @@ class _Trainer:
                 f"in_channels {cfg.model.in_channels} and num_classes {cfg.model.num_classes} do not fit"
             )
         state = self._resume_state()
+        self.data = self._load_data(spec)
+        self.steps = self.data.num_train_steps(cfg.run.batch_size, self.env.world_size)  # refuses too few batches
+        self._build_model()
+        self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
+        if state is not None:
+            self._restore(state)
+        self.publisher = Publisher(self._open_tracker(), self.out, self.ckpts)
+
+    def _load_data(self, spec) -> DeviceDataset:
+        cfg, env = self.cfg, self.env
         if env.is_primary:  # rank 0 may download; the others wait and then read the files
             tensors = load_dataset(spec.name, cfg.data.data_dir, download=cfg.data.download)
         barrier(env)
@@ -143,7 +165,7 @@ class _Trainer:
         if cfg.data.test_size:
             n = cfg.data.test_size
             tensors = tensors._replace(test_images=tensors.test_images[:n], test_labels=tensors.test_labels[:n])
-        self.data = DeviceDataset(
+        return DeviceDataset(
             tensors,
             self.device,
             val_size=cfg.data.val_size,
@@ -151,8 +173,10 @@ class _Trainer:
             seed=cfg.run.seed,
             spec=spec,
         )
-        self.steps = self.data.num_train_steps(cfg.run.batch_size, env.world_size)  # refuses too few batches
 
+    def _build_model(self) -> None:
+        """The network (seeded), its EMA, and what trains it: DDP across ranks, torch.compile when asked."""
+        cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.run.seed)
         self.raw_model = resnet19(**model_kwargs(cfg)).to(self.device, memory_format=torch.channels_last)
         if cfg.model.sync_bn and env.world_size > 1:
@@ -167,14 +191,9 @@ class _Trainer:
             warnings.warn(
                 "compile=true on a CPU: torch.compile (inductor) made this model's training step 5-6x "
                 "slower than eager on an AVX2 CPU (torch 2.14; BENCHMARKS.md). It is meant for CUDA.",
-                stacklevel=2,
+                stacklevel=3,
             )
         self.model = torch.compile(model) if cfg.run.compile else model
-        self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
-        self.mlflow_run_id = cfg.tracking.run_id
-        if state is not None:
-            self._restore(state)
-        self.tracker = self._open_tracker()
 
     def _resume_state(self) -> dict | None:
         resume = self.cfg.run.resume
@@ -241,6 +260,46 @@ class _Trainer:
         return tracker
 
     # ---- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        self.setup()
+        self.log(
+            f"[stbp] {cfg.data.dataset}: {self.data.n_train} train / {self.data.n_val} val images, "
+            f"{env.world_size} rank(s) on {self.device}, {'bf16 autocast' if self.amp else 'fp32'}, "
+            f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters"
+        )
+        try:
+            return self._finish(stopped_early=self._train_epochs())
+        except BaseException:
+            if env.is_primary:
+                self.publisher.failed()
+            raise
+
+    def _train_epochs(self) -> bool:
+        """Train from ``start_epoch`` on, validating, checkpointing and publishing each epoch; whether early
+        stopping ended the run."""
+        cfg, env = self.cfg, self.env
+        for epoch in range(self.start_epoch, cfg.run.epochs):
+            if self.stopping.should_stop:
+                return True
+            t0 = time.perf_counter()
+            metrics = self._train_epoch(epoch)
+            t_val = time.perf_counter()
+            metrics.update(self.evaluate("val"), val_time_s=time.perf_counter() - t_val)
+            metrics.update(epoch_time_s=time.perf_counter() - t0, epoch=epoch + 1)
+            self.stopping.update(metrics["val_loss"])
+            is_best = metrics["val_acc"] > self.best_val_acc
+            self.best_val_acc = max(self.best_val_acc, metrics["val_acc"])
+            self.history.append(metrics)
+            if env.is_primary:
+                self.ckpts.save(self._state(epoch + 1), best=is_best)
+                self.publisher.epoch(epoch + 1, metrics, self.history, is_best)
+            self.progress.epoch_done(metrics)
+            barrier(env)
+            if self.callback is not None:
+                self.callback(epoch + 1, dict(metrics), str(self.ckpts.path) if env.is_primary else None)
+        return self.stopping.should_stop and len(self.history) < cfg.run.epochs
+
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, env, dev = self.cfg, self.env, self.device
         self.model.train()
@@ -257,7 +316,7 @@ class _Trainer:
             hflip=cfg.data.hflip,
             seed=cfg.run.seed,
         )
-        bar = self._progress(epoch)
+        self.progress.start(epoch, self.steps)
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(batches):
             lr = lr_at(cfg, epoch + step / self.steps)
@@ -282,9 +341,8 @@ class _Trainer:
             seen += y.shape[0]
             if (step + 1) % cfg.run.log_interval == 0 or step + 1 == self.steps:
                 self._check_divergence(first_bad, epoch, lr)  # the one sync per log interval
-                self._progress_line(bar, epoch, step + 1, loss_sum.item() / seen, lr, time.perf_counter() - t0)
-        if bar is not None:
-            bar.close()
+                self.progress.update(step + 1, loss_sum.item() / seen, lr, time.perf_counter() - t0)
+        self.progress.close()
         totals = all_reduce_sum(
             torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=dev, dtype=torch.float64)]), env
         ).tolist()
@@ -311,33 +369,6 @@ class _Trainer:
                 step=step + 1,
                 lr=lr,
             )
-
-    def _progress_line(self, bar, epoch: int, done: int, loss: float, lr: float, elapsed: float) -> None:
-        """The progress bar in a terminal; elsewhere (a log file, a job scheduler) a line every PROGRESS_EVERY_S."""
-        left = (self.steps - done) + (self.cfg.run.epochs - epoch - 1) * self.steps  # steps still to train
-        eta = _clock(elapsed / done * left)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", run_eta=eta, refresh=False)
-            bar.update(done - bar.n)
-        elif self.env.is_primary and time.perf_counter() - self._last_line >= self.PROGRESS_EVERY_S:
-            self._last_line = time.perf_counter()
-            images = done * self.cfg.run.batch_size
-            print(
-                f"[stbp] {100 * done / self.steps:.0f}% of epoch {epoch + 1} of {self.cfg.run.epochs} ({done}/"
-                f"{self.steps} steps)  loss {loss:.4f}  {images / elapsed:.0f} img/s  ETA epoch "
-                f"{_clock(elapsed / done * (self.steps - done))}, run {eta}",
-                flush=True,
-            )
-
-    PROGRESS_EVERY_S = 30.0  # seconds between progress lines when the output is not a terminal
-    _last_line = -math.inf  # when the last one was printed (the first sync point prints one)
-
-    def _progress(self, epoch: int):
-        if not (self.env.is_primary and sys.stderr.isatty()):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.cfg.run.epochs}", leave=False, dynamic_ncols=True)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -367,61 +398,6 @@ class _Trainer:
             "mlflow_run_id": self.mlflow_run_id,
         }
 
-    def run(self) -> dict[str, Any]:
-        cfg, env = self.cfg, self.env
-        self.setup()
-        self.log(
-            f"[stbp] {cfg.data.dataset}: {self.data.n_train} train / {self.data.n_val} val images, "
-            f"{env.world_size} rank(s) on {self.device}, {'bf16 autocast' if self.amp else 'fp32'}, "
-            f"{sum(p.numel() for p in self.raw_model.parameters()):,} parameters"
-        )
-        stopped_early = False
-        try:
-            for epoch in range(self.start_epoch, cfg.run.epochs):
-                if self.stopping.should_stop:
-                    stopped_early = True
-                    break
-                t0 = time.perf_counter()
-                metrics = self._train_epoch(epoch)
-                t_val = time.perf_counter()
-                metrics.update(self.evaluate("val"), val_time_s=time.perf_counter() - t_val)
-                metrics.update(epoch_time_s=time.perf_counter() - t0, epoch=epoch + 1)
-                self.stopping.update(metrics["val_loss"])
-                is_best = metrics["val_acc"] > self.best_val_acc
-                self.best_val_acc = max(self.best_val_acc, metrics["val_acc"])
-                self.history.append(metrics)
-                if env.is_primary:
-                    self.ckpts.save(self._state(epoch + 1), best=is_best)
-                    # Per-layer rates go to a table: as metrics they would be charted ahead of the accuracy.
-                    # In this order: MLflow's compare page charts the first metric a run logged.
-                    ordered = {k: metrics[k] for k in ("val_acc", "val_loss", *SPIKE_COST) if k in metrics}
-                    self.tracker.log_metrics(
-                        {**ordered, **{k: v for k, v in metrics.items() if "/" not in k}}, step=epoch + 1
-                    )
-                    if (table := rate_table(self.history, self.out / "firing_rates.csv")) is not None:
-                        self.tracker.log_artifact(table)
-                    self.tracker.log_artifact(self.ckpts.last, "checkpoints")
-                    if is_best:
-                        self.tracker.log_artifact(self.ckpts.best, "checkpoints")
-                self.log(
-                    f"epoch {epoch + 1}/{cfg.run.epochs}  train loss {metrics['train_loss']:.4f} "
-                    f"acc {metrics['train_acc']:.2f}%  val loss {metrics['val_loss']:.4f} "
-                    f"acc {metrics['val_acc']:.2f}%  lr {metrics['lr']:.2e}  "
-                    f"{metrics['images_per_s']:.0f} img/s  {metrics['epoch_time_s']:.1f}s"
-                    + (f"  {metrics['sops_per_image'] / 1e6:.2f}M SOPs/image" if "sops_per_image" in metrics else ""),
-                    flush=True,
-                )
-                barrier(env)
-                if self.callback is not None:
-                    self.callback(epoch + 1, dict(metrics), str(self.ckpts.path) if env.is_primary else None)
-            else:
-                stopped_early = self.stopping.should_stop and len(self.history) < cfg.run.epochs
-            return self._finish(stopped_early)
-        except BaseException:
-            if env.is_primary and self.tracker.run_id and getattr(self.tracker, "owns_run", False):
-                self.tracker.finish("FAILED")
-            raise
-
     def _finish(self, stopped_early: bool) -> dict[str, Any]:
         if not self.history:
             raise RuntimeError("no epoch was trained (is the run already complete? see summary.json)")
@@ -447,19 +423,7 @@ class _Trainer:
             if name := self.cfg.tracking.register_model:
                 summary["registered_model"] = self._register(name)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.tracker.log_metrics(
-                {
-                    f"test_{k}" if k in SPIKE_COST else k: test[k]
-                    for k in ("test_acc", "test_loss", *SPIKE_COST)
-                    if k in test
-                },
-                step=len(self.history),
-            )
-            self.tracker.log_artifact(self.out / "summary.json")
-            chart = firing_rate_chart(rates, self.out / "firing_rates.png")
-            if chart is not None:
-                self.tracker.log_artifact(chart)
-            self.tracker.finish("FINISHED")
+            self.publisher.finish(len(self.history), test, rates, self.out / "summary.json")
             cost = (
                 f", {test['sops_per_image']:,.0f} synaptic operations per image ({test['energy_uj_per_image']:.3f} uJ)"
                 if "sops_per_image" in test
@@ -473,19 +437,11 @@ class _Trainer:
 
     def _register(self, name: str) -> str | None:
         """best.pt in the MLflow Model Registry as a new version of ``name``; its URI (None without MLflow)."""
-        if getattr(self.tracker, "uri", None) is None:
+        found = self.publisher.register(name, self.mlflow_run_id)
+        if found is None:
             return None
-        from .registry import register_checkpoint
-
-        found = register_checkpoint(self.ckpts.best, self.tracker.uri, self.mlflow_run_id, name)
         self.log(f'[stbp] registered as {found["model_uri"]}: mlflow.pytorch.load_model("models:/{name}/latest")')
         return found["model_uri"]
-
-
-def _clock(seconds: float) -> str:
-    """``m:ss``, or ``h:mm:ss`` from an hour."""
-    minutes, secs = divmod(int(seconds + 0.5), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 def train(cfg: Config, callback: Callback | None = None) -> dict[str, Any]:

@@ -287,9 +287,9 @@ def test_a_log_shows_progress_with_an_eta_and_the_last_line_where_the_outputs_ar
 ):
     import re
 
-    from stbp.train import _Trainer
+    from stbp.progress import Progress
 
-    monkeypatch.setattr(_Trainer, "PROGRESS_EVERY_S", 0.0)  # every sync point; a log gets one every 30 s
+    monkeypatch.setattr(Progress, "EVERY_S", 0.0)  # every sync point; a log gets one every 30 s
     train(tiny(tmp_path, data_dir, epochs=2, log_interval=2, patience=0))  # 8 steps an epoch
     lines = capsys.readouterr().out.splitlines()
     progress = [line for line in lines if "steps)" in line]

@@ -1,0 +1,62 @@
+"""What a training run publishes to its tracker (an MLflow run, or nothing): every epoch's metrics, firing-rate table
+and checkpoints; at the end the test metrics, the summary, the firing-rate chart and the run's status; and best.pt
+in the Model Registry when asked. Training calls it on the primary rank only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointDir
+from .monitor import SPIKE_COST, firing_rate_chart, rate_table
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """Publishes a run whose files are in ``out`` and checkpoints in ``ckpts`` to ``tracker``
+    (:class:`stbp.tracking.Tracker` or :class:`~stbp.tracking.NullTracker`)."""
+
+    def __init__(self, tracker, out: Path, ckpts: CheckpointDir):
+        self.tracker, self.out, self.ckpts = tracker, out, ckpts
+
+    def epoch(self, step: int, metrics: dict[str, float], history: list[dict], is_best: bool) -> None:
+        """Epoch ``step``'s metrics (the run's ``history`` so far for the rate table), last.pt and a new best.pt."""
+        # Per-layer rates go to a table: as metrics they would be charted ahead of the accuracy.
+        # In this order: MLflow's compare page charts the first metric a run logged.
+        ordered = {k: metrics[k] for k in ("val_acc", "val_loss", *SPIKE_COST) if k in metrics}
+        self.tracker.log_metrics({**ordered, **{k: v for k, v in metrics.items() if "/" not in k}}, step=step)
+        if (table := rate_table(history, self.out / "firing_rates.csv")) is not None:
+            self.tracker.log_artifact(table)
+        self.tracker.log_artifact(self.ckpts.last, "checkpoints")
+        if is_best:
+            self.tracker.log_artifact(self.ckpts.best, "checkpoints")
+
+    def register(self, name: str, run_id: str | None) -> dict[str, Any] | None:
+        """best.pt in the MLflow Model Registry as a new version of ``name`` (None without MLflow)."""
+        if getattr(self.tracker, "uri", None) is None:
+            return None
+        from .registry import register_checkpoint
+
+        return register_checkpoint(self.ckpts.best, self.tracker.uri, run_id, name)
+
+    def finish(self, step: int, test: dict[str, float], rates: dict[str, float], summary: Path) -> None:
+        """The test metrics (as of ``step``), the ``summary`` file, the firing-rate chart; the run FINISHED."""
+        self.tracker.log_metrics(
+            {
+                f"test_{k}" if k in SPIKE_COST else k: test[k]
+                for k in ("test_acc", "test_loss", *SPIKE_COST)
+                if k in test
+            },
+            step=step,
+        )
+        self.tracker.log_artifact(summary)
+        chart = firing_rate_chart(rates, self.out / "firing_rates.png")
+        if chart is not None:
+            self.tracker.log_artifact(chart)
+        self.tracker.finish("FINISHED")
+
+    def failed(self) -> None:
+        """The run ended with an error: a run this process opened is marked FAILED (a --resume reopens it)."""
+        if self.tracker.run_id and getattr(self.tracker, "owns_run", False):
+            self.tracker.finish("FAILED")
