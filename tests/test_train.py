@@ -228,11 +228,11 @@ def test_torchrun_two_ranks_trains_one_epoch_and_records_mlflow_run(tmp_path, da
     "argv, message",
     [
         (["--vth", "0.3"], "did you mean 'v_th'"),
-        (["--v_th", "-1"], "v_th must be > 0"),
-        (["--aa", "0"], "aa must be > 0"),
+        (["--v_th", "-1"], "model.v_th: input should be greater than 0, got -1.0"),
+        (["--aa", "0"], "model.aa: input should be greater than 0"),
         (["--tau", "1.5"], "tau"),
         (["--timesteps", "0"], "timesteps"),
-        (["--batch_size", "abc"], "batch_size expects an int"),
+        (["--batch_size", "abc"], "run.batch_size: input should be a valid integer"),
         (["--preset", "nope"], "nope"),
     ],
 )
