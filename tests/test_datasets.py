@@ -167,7 +167,10 @@ def test_the_data_set_decides_channels_classes_and_flips_unless_given():
     assert build_config(overrides={"dataset": "fashion_mnist"}).model.in_channels == 1
     assert build_config(preset="cifar10", cli=["--dataset", "cifar100"]).model.num_classes == 100
     assert build_config().data.dataset == "mnist"  # the default, unchanged
-    with pytest.raises(ConfigError, match="dataset must be one of 'mnist', 'fashion_mnist', 'cifar10', 'cifar100'"):
+    with pytest.raises(
+        ConfigError,
+        match="data.dataset: input should be 'mnist', 'fashion_mnist', 'cifar10' or 'cifar100', got 'imagenet'",
+    ):
         build_config(cli=["--dataset", "imagenet"])
     with pytest.raises(ConfigError, match=r"val_size must be in \[1, 50000\)"):
         build_config(cli=["--dataset", "cifar10", "--val_size", "50000"])
