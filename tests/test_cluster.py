@@ -1,6 +1,7 @@
 """Scaling out without a cloud: the cluster configs pass Ray's own checks, a real 2-node Ray cluster on this
 machine runs a sweep into an MLflow server started as cluster.yaml's head starts it, and train_ddp.py trains as
-one job across two torchrun "nodes". Every server listens on 127.0.0.1 and is stopped by its process ids."""
+one job across two torchrun "nodes". Every server listens on 127.0.0.1 and is stopped by its process ids
+(tests/_procs.py)."""
 
 import copy
 import json
@@ -9,20 +10,16 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests._dist import free_port, free_ports
+from tests._procs import http_status, mlflow_healthy, port_open, start, stop_session, tail, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -159,108 +156,6 @@ def head_mlflow_args(cfg: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Process helpers: everything started in its own session, stopped by process id
-# ----------------------------------------------------------------------------------------------------------
-
-
-def session_members(sid: int) -> list[int]:
-    """Process ids in session ``sid`` (the leader excluded): what a process started with
-    ``start_new_session=True`` and its descendants are, unless one made a session of its own."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == sid:
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def exited(proc: subprocess.Popen) -> bool:
-    """Without reaping it: until ``proc.wait()`` its pid (= its session id) cannot be reused."""
-    try:
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def signal_pids(pids, sig) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop_session(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the leader (`ray start --block` stops its node's processes itself), then SIGTERM and at last
-    SIGKILL whatever is left of its session, by process id."""
-    if not exited(proc):
-        signal_pids([proc.pid], signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while not exited(proc) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        left = session_members(proc.pid) + ([] if exited(proc) else [proc.pid])
-        if not left:
-            break
-        signal_pids(left, sig)
-        deadline = time.monotonic() + wait
-        while (session_members(proc.pid) or not exited(proc)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    proc.wait(timeout=10)
-
-
-def start(cmd, log: Path, env=None, cwd=None) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
-        )
-
-
-def tail(path: Path, n: int = 3000) -> str:
-    try:
-        return f"--- {path.name} ---\n" + path.read_text(errors="replace")[-n:]
-    except OSError:
-        return f"--- {path.name}: none ---"
-
-
-def wait_until(check, timeout: float, what: str, procs=(), logs=()):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        for p in procs:
-            if exited(p):
-                raise AssertionError(f"{what}: {p.args[:3]} exited\n" + "\n".join(tail(x) for x in logs))
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n" + "\n".join(tail(x) for x in logs))
-
-
-def http_status(url: str, host: str | None = None) -> int | None:
-    req = urllib.request.Request(url, headers={"Host": host} if host else {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Two Ray nodes on this machine, a sweep across them, recorded in the head's MLflow server
 # ----------------------------------------------------------------------------------------------------------
 
@@ -346,7 +241,7 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
     try:
         head = ray_node(gcs_port, head_tmp, {"node_head": 1}, logs[0], env, dashboard_port=dash_port)
         procs.append(head)
-        wait_until(lambda: port_open(gcs_port), 120, "the head's GCS", [head], logs[:1])
+        wait_for(lambda: port_open(gcs_port), 120, "the head's GCS", [head], 0.5, logs[:1])
         procs.append(ray_node(gcs_port, worker_tmp, {"node_worker": 1}, logs[1], env))
 
         # The MLflow server exactly as cluster.yaml's head starts it, 127.0.0.1 for the private IP.
@@ -364,10 +259,10 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
             alive = [n for n in (state or {}).get("nodes", []) if n["state"] == "ALIVE"]
             return alive if len(alive) == 2 else None
 
-        nodes = wait_until(two_nodes, 180, "both Ray nodes", procs[:2], logs[:2])
+        nodes = wait_for(two_nodes, 180, "both Ray nodes", procs[:2], 0.5, logs[:2])
         by_role = {("head" if "node_head" in n["resources"] else "worker"): n["id"] for n in nodes}
         assert set(by_role) == {"head", "worker"}, nodes
-        wait_until(lambda: http_status(f"{uri}/health") == 200, 180, "the MLflow server", procs[2:], logs[2:3])
+        wait_for(lambda: mlflow_healthy(uri), 180, "the MLflow server", procs[2:], 0.5, logs[2:3])
         # Its allowed-hosts protection is on: a foreign Host header is refused, the allowed ones are served.
         api = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
         assert http_status(api, host="attacker.example") == 403
@@ -475,17 +370,7 @@ def test_torchrun_two_nodes_train_as_one_job(tmp_path, data_dir):
                 "64",
             ]
             logs.append(tmp_path / f"node{rank}.log")
-            with open(tmp_path / f"node{rank}.out", "w") as stdout, open(logs[-1], "w") as stderr:
-                procs.append(
-                    subprocess.Popen(
-                        [str(c) for c in cmd],
-                        stdout=stdout,
-                        stderr=stderr,
-                        env=env,
-                        cwd=tmp_path,
-                        start_new_session=True,
-                    )
-                )
+            procs.append(start(cmd, tmp_path / f"node{rank}.out", env=env, cwd=tmp_path, errors=logs[-1]))
         for proc in procs:
             try:
                 proc.wait(timeout=300)
