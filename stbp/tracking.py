@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "BOOKKEEPING_FIELDS",
     "TrackingError",
     "default_tracking_uri",
     "resolve_tracking_uri",
@@ -33,22 +32,6 @@ __all__ = [
 
 # Never log these as params or tags, wherever they come from.
 _SECRET_WORDS = ("token", "secret", "password", "key", "credential")
-
-
-#: Config fields that say where a run's records go, not what it trains: they are tags, not parameters, so that
-#: comparing runs in MLflow compares what defines them.
-BOOKKEEPING_FIELDS = (
-    "output_dir",
-    "data_dir",
-    "resume",
-    "run_id",
-    "run_name",
-    "tracking_uri",
-    "experiment",
-    "mlflow",
-    "register_model",
-    "tags",
-)
 
 
 class TrackingError(RuntimeError):

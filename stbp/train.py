@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointDir, CheckpointError, read_checkpoint
-from .config import Config, ConfigError, check_global_batch, config_to_dict, flatten_config
+from .config import BOOKKEEPING_FIELDS, Config, ConfigError, check_global_batch, config_to_dict, flatten_config
 from .data import DeviceDataset, load_dataset
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
@@ -232,7 +232,7 @@ class _Trainer:
         self.log(f"[stbp] resumed from epoch {self.start_epoch} ({self.ckpts.path})")
 
     def _open_tracker(self):
-        from .tracking import BOOKKEEPING_FIELDS, NullTracker, git_commit, make_tracker
+        from .tracking import NullTracker, git_commit, make_tracker
 
         if not self.env.is_primary:
             return NullTracker()

@@ -190,3 +190,20 @@ def test_spike_cost_counts_every_synaptic_operation_like_an_im2col_count(amp):
     assert result["spikes_per_image"] == pytest.approx(sum(spikes.values()) / 6, rel=1e-12)
     assert result["energy_uj_per_image"] == pytest.approx((0.9 * sops + 4.6 * macs) / 6 * 1e-6, rel=1e-12)
     assert result["firing_rate"] == pytest.approx(sum(spikes.values()) / neuron_steps[0], rel=1e-12)
+
+
+def test_the_model_config_and_the_model_agree_on_every_option_and_default():
+    """The network's options are declared by SpikingResNet (and resnet19's width); ModelConfig adds their types,
+    ranges and docs. A default changed on one side only would make `resnet19()` and the config's network differ."""
+    import inspect
+
+    from stbp.config import ModelConfig
+    from stbp.model import SpikingResNet, resnet19_options
+
+    defaults = {n: p.default for n, p in inspect.signature(SpikingResNet.__init__).parameters.items()}
+    defaults["width"] = inspect.signature(resnet19).parameters["width"].default
+    config = ModelConfig()
+    shared = [name for name in resnet19_options() if hasattr(config, name)]
+    assert set(resnet19_options()) - set(shared) == {"hidden"}  # a layout detail no config sets
+    assert set(ModelConfig.__pydantic_fields__) - set(shared) == {"sync_bn"}  # DDP's, not the network's
+    assert {n: getattr(config, n) for n in shared} == {n: defaults[n] for n in shared}

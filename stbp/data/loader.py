@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..config import check_global_batch
 from ..datasets import DATASETS, DatasetSpec
 from .files import DatasetTensors
 
@@ -66,7 +65,8 @@ def split_train_val(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def _num_steps(n: int, global_batch: int, world_size: int) -> int:
-    check_global_batch(global_batch, world_size, "world_size")
+    if world_size < 1 or global_batch % world_size:
+        raise ValueError(f"the global batch ({global_batch}) must be divisible by world_size ({world_size})")
     steps = n // global_batch
     if steps == 0:
         raise ValueError(
