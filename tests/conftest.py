@@ -1,19 +1,39 @@
+"""Where the tests find the real MNIST: ``$STBP_DATA_DIR`` if set; else ``../shared/data`` beside the repository
+(CI and the development machines, which have no internet); else the product's own default, ``./data`` of the
+repository, where ``make train`` puts it, downloading it there when it is missing."""
+
 import os
 from pathlib import Path
 
 import pytest
 
-# CI and developer machines have no internet: the real MNIST lives in ../shared/data beside the repo.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def mnist_root(environ=os.environ, shared: Path = SHARED_DATA, default: Path = ROOT / "data") -> Path:
+    """The data directory the tests use (absolute: end-to-end tests run tools in other working directories)."""
+    if environ.get("STBP_DATA_DIR"):
+        return Path(environ["STBP_DATA_DIR"]).resolve()
+    return (shared if (shared / "MNIST" / "raw").is_dir() else default).resolve()
+
+
+def pytest_configure(config):
+    # The tools the tests start (tune.py, torchrun, Ray workers) read the same place.
+    os.environ["STBP_DATA_DIR"] = str(mnist_root())
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> str:
-    # Absolute: the end-to-end tests run tune.py and torchrun in other working directories.
-    path = str(Path(os.environ.get("STBP_DATA_DIR") or SHARED_DATA).resolve())
-    if not (Path(path) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-        pytest.fail(f"real MNIST not found under {path}; set STBP_DATA_DIR")
-    return path
+    from stbp.data import DataNotFoundError, load_dataset
+
+    path = mnist_root()
+    if not (path / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        try:
+            load_dataset("mnist", path, download=True)  # downloaded where the product keeps it
+        except DataNotFoundError as exc:
+            pytest.fail(f"the real MNIST is needed: {exc}")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

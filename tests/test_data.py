@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,13 +24,6 @@ from stbp.data import (
     split_train_val,
 )
 from stbp.data import files as data_files
-
-DATA_DIR = Path(os.environ.get("STBP_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return load_dataset("mnist", DATA_DIR, download=False)
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +295,13 @@ def test_cuda_per_batch_path_has_no_host_sync(mnist):
     xg, yg = next(d.train_batches(0, 512, 2, 1, padding=0))
     xc, yc = next(c.train_batches(0, 512, 2, 1, padding=0))
     assert torch.equal(yg.cpu(), yc) and torch.equal(xg.cpu(), xc)
+
+
+def test_the_tests_find_mnist_where_the_product_keeps_it(tmp_path):
+    from tests.conftest import mnist_root
+
+    shared, default = tmp_path / "shared" / "data", tmp_path / "repo" / "data"
+    assert mnist_root({}, shared, default) == default  # a user's machine: ./data, where make train put it
+    (shared / "MNIST" / "raw").mkdir(parents=True)
+    assert mnist_root({}, shared, default) == shared  # CI: ../shared/data beside the clone
+    assert mnist_root({"STBP_DATA_DIR": str(tmp_path / "x")}, shared, default) == tmp_path / "x"
