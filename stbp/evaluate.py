@@ -93,11 +93,15 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stbp.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--data_dir", "--data-dir", default=None)
-    p.add_argument("--batch_size", "--batch-size", type=int, default=1000)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(
+        prog="python -m stbp.evaluate",
+        description="The test accuracy, loss, spike cost and per-layer firing rates of a checkpoint, on the test set "
+        "of the data set it was trained on.",
+    )
+    p.add_argument("checkpoint", help="a checkpoint file, e.g. runs/cpu/checkpoints/best.pt")
+    p.add_argument("--data_dir", "--data-dir", default=None, help="data root (default: $STBP_DATA_DIR, else ./data)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=1000, help="evaluation batch (default 1000)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--chart", default=None, help="firing-rate chart PNG (default: beside the checkpoint)")
     args = p.parse_args(argv)
     try:

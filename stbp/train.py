@@ -50,6 +50,26 @@ class TrainingDiverged(RuntimeError):
         return (type(self), (str(self), self.epoch, self.step, self.lr))
 
 
+#: What continuing a run may change, since it stays the same experiment: how long it trains and stops, how it
+#: runs and logs, where it records. A change of any other field (the model, loss, data, optimiser, seed) makes
+#: another experiment, which a resume refuses rather than hide under the old run's name.
+CONTINUABLE = (*BOOKKEEPING_FIELDS, "epochs", "patience", "log_interval", "eval_batch_size", "test_size", "amp")
+CONTINUABLE += ("compile", "device", "fast_lif", "download", "firing_rates")
+
+
+def experiment_changes(stored: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """``{section.field: (stored, now)}`` for each field that a run's stored config (nested, as in a checkpoint)
+    and ``cfg`` set differently and that :data:`CONTINUABLE` does not allow."""
+    now = config_to_dict(cfg)
+    return {
+        f"{section}.{name}": (before, now[section][name])
+        for section, fields in stored.items()
+        if isinstance(fields, dict) and isinstance(now.get(section), dict)
+        for name, before in fields.items()
+        if name not in CONTINUABLE and name in now[section] and now[section][name] != before
+    }
+
+
 def model_kwargs(cfg: Config) -> dict[str, Any]:
     """The model section's fields that :func:`resnet19` takes (what a checkpoint stores to rebuild the network)."""
     return {k: getattr(cfg.model, k) for k in resnet19_options() if hasattr(cfg.model, k)}
@@ -203,14 +223,13 @@ class _Trainer:
         if found is None:
             return None
         state, path = found
-        theirs, mine = state.get("model_kwargs", {}), model_kwargs(self.cfg)
-        keys = ("in_channels", "num_classes", "width")
-        diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
-        if diff:
+        changed = experiment_changes(state.get("config") or {"model": state.get("model_kwargs", {})}, self.cfg)
+        if changed:
             raise CheckpointError(
-                f"cannot resume from {path}: it holds another architecture "
-                + ", ".join(f"{k}={a} (config: {b})" for k, (a, b) in diff.items())
-                + "; use another output_dir or --resume never"
+                f"cannot resume from {path}: that run is another experiment ("
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                + "). Train the new setting in a new directory (--output_dir NEW), or start this one over "
+                "(--resume never); more epochs, patience and logging may change on a resume"
             )
         return state
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stbp import load_checkpoint, resnet19
-from stbp.checkpoint import read_checkpoint
+from stbp.checkpoint import CheckpointError, read_checkpoint
 from stbp.config import ConfigError, build_config
 from stbp.data import DataNotFoundError
 from stbp.recipe import lr_at
@@ -92,10 +92,32 @@ def test_corrupt_last_checkpoint_falls_back_to_previous(tmp_path, data_dir):
     assert summary["epochs_run"] == 3  # epoch 1 from last.prev.pt, then epochs 2 and 3 again
 
 
-def test_resume_refuses_another_architecture(tmp_path, data_dir):
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"v_th": 0.3}, "model.v_th 0.4 -> 0.3"),
+        ({"width": 0.125}, "model.width 0.0625 -> 0.125"),
+        ({"lr": 0.01, "seed": 3}, "optim.lr 0.001 -> 0.01, run.seed 0 -> 3"),
+        ({"label_smoothing": 0.1}, "optim.label_smoothing"),
+        ({"train_size": 128}, "data.train_size 256 -> 128"),
+    ],
+)
+def test_a_resume_that_would_train_another_experiment_is_refused(tmp_path, data_dir, change, named):
     train(tiny(tmp_path, data_dir, epochs=1))
-    with pytest.raises(Exception, match="another architecture.*width"):
-        train(tiny(tmp_path, data_dir, epochs=2, width=0.125))
+    before = (tmp_path / "out" / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(CheckpointError) as info:
+        train(tiny(tmp_path, data_dir, epochs=2, **change))
+    message = str(info.value)
+    assert named in message and "--output_dir" in message and "--resume never" in message
+    assert (tmp_path / "out" / "checkpoints" / "last.pt").read_bytes() == before  # nothing trained or written
+
+
+def test_a_resume_may_change_what_continuing_a_run_means(tmp_path, data_dir):
+    train(tiny(tmp_path, data_dir, epochs=1))
+    more = {"epochs": 2, "patience": 2, "log_interval": 2, "eval_batch_size": 64, "test_size": 256, "fast_lif": False}
+    assert train(tiny(tmp_path, data_dir, **more))["epochs_run"] == 2
+    fresh = train(tiny(tmp_path, data_dir, epochs=1, v_th=0.3, resume="never"))  # the way out: start over
+    assert fresh["epochs_run"] == 1
 
 
 def test_divergence_stops_with_epoch_step_and_lr(tmp_path, data_dir):
