@@ -62,6 +62,7 @@ def test_the_sweep_imports_run_one_way():
         "stbp.sweep.spec",
         "stbp.sweep.record",
         "stbp.sweep.trial",
+        "stbp.sweep.searcher",
         "stbp.sweep.analysis",
         "stbp.sweep.plots",
         "stbp.sweep.report",

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from stbp.config import build_config
-from stbp.sweep import load_sweep, sweep_yaml
+from stbp.sweep import load_sweep, sweep_to_dict
 from stbp.sweep.plots import plot_landscape
 from stbp.sweep.record import (
     PARENT_TAG,
@@ -274,7 +274,7 @@ def test_parent_records_the_best_trial_and_the_report(resumed_sweep, tmp_path):
 @pytest.mark.slow
 def test_terminal_shows_the_ranked_trials_and_the_mlflow_link(resumed_sweep):
     _, out = resumed_sweep.second
-    assert "rank  trial" in out and "best val_acc" in out and "stopped early" in out and "finished" in out
+    assert "rank  point" in out and "best val_acc" in out and "stopped early" in out and "finished" in out
     assert f"/#/experiments/{resumed_sweep.exp_id}/runs" in out
     assert "train_ddp.py --config" in out
 
@@ -594,7 +594,7 @@ def sweep(tmp_path):
 @pytest.fixture
 def record(tmp_path, sweep):
     resolved = tmp_path / "sweep.yaml"
-    resolved.write_text(sweep_yaml(sweep))
+    resolved.write_text(yaml.safe_dump(sweep_to_dict(sweep), sort_keys=False))
     return open_sweep_record(sweep, f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ray" / "smoke", resolved)
 
 
@@ -758,3 +758,75 @@ def test_a_restored_ray_checkpoint_replaces_the_trials_last_checkpoint(tmp_path,
     assert not (out / "last.prev.pt").exists()
     restore_checkpoint(None, cfg)  # a first attempt: nothing to restore
     assert torch.load(out / "last.pt")["epoch"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: every point trained twice (search.repeats), the report on the points' means
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def repeated_sweep(mlflow_server, tmp_path_factory, data_dir):
+    """2 points (the learning one, the silent one) x 2 replicates, one epoch each, no ASHA."""
+    work = tmp_path_factory.mktemp("repeats")
+    path = write_sweep(work, "reps", [GOOD, BAD], 2, {"cpus": 2, "gpus": 0, "workers": 1}, scheduler="none")
+    data = yaml.safe_load(path.read_text())
+    data["search"]["repeats"] = 2
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    args = ["--sweep", str(path), "--tracking_uri", mlflow_server, "--epochs", "1", "--timesteps", "1"]
+    rc, out = run_tune(args, work, tune_env(data_dir), work / "reps.log")
+    client = MlflowClient(mlflow_server)
+    exp_id, parent = the_parent(client, "reps")
+    runs = children(client, parent.info.run_id, exp_id)
+    return types.SimpleNamespace(client=client, work=work, rc=rc, out=out, parent=parent, runs=runs)
+
+
+def best_of(client, run, metric="val_acc") -> float:
+    return max(m.value for m in client.get_metric_history(run.info.run_id, metric))
+
+
+@pytest.mark.slow
+def test_every_point_trains_once_per_replicate_with_its_own_seed_and_a_readable_name(repeated_sweep):
+    s = repeated_sweep
+    assert s.rc == 0, s.out[-6000:]
+    assert len(s.runs) == 4 and "2 points x 2 replicates" in s.out
+    by_name = {r.info.run_name: r for r in s.runs}
+    assert set(by_name) == {
+        "reps-01 v_th=0.4 aa=0.5 #1",
+        "reps-01 v_th=0.4 aa=0.5 #2",
+        "reps-02 v_th=3 aa=0.1 #1",
+        "reps-02 v_th=3 aa=0.1 #2",
+    }
+    for name, run in by_name.items():
+        point, replicate = name.split()[0].split("-")[1], int(name[-1]) - 1
+        assert (run.data.tags["point"], run.data.tags["replicate"]) == (point, str(replicate))
+        assert run.data.params["seed"] == str(replicate)  # the tiny preset's seed 0, then 1
+        assert "__point__" not in run.data.params and "__trial_index__" not in run.data.params
+
+
+@pytest.mark.slow
+def test_each_replicate_carries_its_points_mean_and_std_and_the_report_ranks_the_means(repeated_sweep, tmp_path):
+    s = repeated_sweep
+    means = {}
+    for point in ("01", "02"):
+        reps = [r for r in s.runs if r.data.tags["point"] == point]
+        values = [best_of(s.client, r) for r in reps]
+        mean = sum(values) / 2
+        std = abs(values[0] - values[1]) / 2**0.5  # the sample standard deviation of two values
+        means[point] = mean
+        for r in reps:
+            got = s.client.get_run(r.info.run_id).data.metrics
+            assert (got["val_acc_mean"], got["val_acc_std"], got["replicates"]) == (
+                pytest.approx(mean),
+                pytest.approx(std),
+                2,
+            )
+    parent = s.client.get_run(s.parent.info.run_id)
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(max(means.values()))
+    local = Path(s.client.download_artifacts(s.parent.info.run_id, "report", str(tmp_path)))
+    import csv
+
+    with open(local / "trials.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(t["point"], t["n"]) for t in table] == [("01", "2"), ("02", "2")]
+    assert [float(t["best_val_acc"]) for t in table] == [pytest.approx(means["01"]), pytest.approx(means["02"])]

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stbp.sweep import load_sweep
 from stbp.sweep.analysis import derived, is_reference, pareto_front, working_region
@@ -105,7 +106,7 @@ def test_the_csv_table_and_pictures_carry_the_ratio_the_cost_and_the_front(tmp_p
     text = format_table(rows, multi, front)
     assert text.splitlines()[0].split() == [
         "rank",
-        "trial",
+        "point",
         "v_th",
         "aa",
         "aa/v_th",
@@ -134,3 +135,92 @@ def test_the_compare_link_lists_every_trial_for_mlflow_s_compare_page():
     record = SweepRecord("http://127.0.0.1:5005/", "7", "parent", "smoke")
     url = compare_url(record, [row("a", 0.4, 0.5, 1.0), row("b", 0.4, 0.5, 1.0)])
     assert unquote(url) == 'http://127.0.0.1:5005/#/compare-runs?runs=["run-a","run-b"]&experiments=["7"]'
+
+
+# ---------------------------------------------------------------- replicates: a point is the mean of its trials
+
+
+def replicate(point, rep, v_th, aa, value, sops=None, status="FINISHED"):
+    r = row(f"{point}-{rep}", v_th, aa, value, sops, status)
+    r.tags.update(point=point, replicate=str(rep))
+    return r
+
+
+def test_a_point_is_the_mean_of_its_replicates_with_their_sample_std_and_count(sweep):
+    from stbp.sweep.record import by_point
+
+    trials = [
+        replicate("01", 0, 0.4, 0.5, 90.0, sops=8e6),
+        replicate("01", 1, 0.4, 0.5, 94.0, sops=6e6),
+        replicate("01", 2, 0.4, 0.5, None, status="FAILED"),  # diverged: left out of the mean
+        replicate("02", 0, 1.4, 0.2, 11.0),
+        replicate("02", 1, 1.4, 0.2, 12.0),
+        replicate("02", 2, 1.4, 0.2, 13.0),
+    ]
+    first, second = by_point(trials, sweep)
+    assert (first.trial_id, first.value, first.n, first.std["val_acc"]) == ("01", 92.0, 2, pytest.approx(8**0.5))
+    assert first.last["sops_per_image"] == 7e6 and first.std["last_sops_per_image"] == pytest.approx(2e6**1 / 2**0.5)
+    assert first.run_id == "run-01-1" and len(first.replicates) == 3  # the best replicate's run holds the model
+    assert (second.value, second.n, second.std["val_acc"]) == (12.0, 3, pytest.approx(1.0))
+    lone = by_point([row("x", 0.4, 0.5, 95.0)], sweep)[0]  # a trial recorded without a point is its own
+    assert (lone.trial_id, lone.value, lone.n, lone.std["val_acc"]) == ("x", 95.0, 1, 0.0)
+
+
+def test_the_csv_and_the_table_give_mean_std_and_n(tmp_path):
+    from stbp.sweep.record import by_point
+
+    data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    data.update(scheduler="none", search={"num_samples": 4, "repeats": 2})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    repeated = load_sweep(tmp_path / "r.yaml")
+    points = by_point(
+        [replicate("01", 0, 0.4, 0.5, 90.0), replicate("01", 1, 0.4, 0.5, 94.0), replicate("02", 0, 1.4, 0.2, 11.0)],
+        repeated,
+    )
+    with open(write_csv(points, repeated, tmp_path / "t.csv")) as f:
+        got = list(csv.DictReader(f))
+    assert [(r["point"], float(r["best_val_acc"]), r["n"]) for r in got] == [("01", 92.0, "2"), ("02", 11.0, "1")]
+    assert float(got[0]["best_val_acc_std"]) == pytest.approx(8**0.5) and float(got[1]["best_val_acc_std"]) == 0
+    assert "92 ± 2.8 (n=2)" in format_table(points, repeated)
+
+
+class _Inner:
+    """A searcher that records what it is told: the oracle for the averaging."""
+
+    def __init__(self, metric):
+        self.metric, self.mode, self.told, self.count = metric, ["max"] * len(metric), {}, 0
+
+    def suggest(self, trial_id):
+        self.count += 1
+        return {"v_th": 0.1 * self.count}
+
+    def on_trial_complete(self, trial_id, result=None, **kwargs):
+        self.told[trial_id] = result
+
+    def save(self, path):
+        Path(path).write_text(repr((self.count, self.told)))
+
+    def restore(self, path):
+        self.count, self.told = eval(Path(path).read_text())  # noqa: S307 - written by save() above
+
+
+def test_the_searcher_numbers_points_repeats_them_and_sees_each_metrics_mean(tmp_path):
+    from stbp.sweep.searcher import PointSearcher
+
+    inner = _Inner(["val_acc", "sops_per_image"])
+    searcher = PointSearcher(inner, repeat=2)
+    configs = [searcher.suggest(f"t{i}") for i in range(4)]
+    assert [(c["v_th"], c["__point__"], c["__trial_index__"]) for c in configs] == [
+        (0.1, 1, 0), (0.1, 1, 1), (0.2, 2, 0), (0.2, 2, 1),
+    ]  # fmt: skip
+    searcher.on_trial_complete("t0", {"val_acc": 90.0, "sops_per_image": 8.0})
+    assert inner.told == {}  # one replicate is not the point's answer
+    searcher.on_trial_complete("t1", {"val_acc": 94.0, "sops_per_image": 6.0})
+    assert inner.told == {"t0": {"val_acc": 92.0, "sops_per_image": 7.0}}
+    searcher.save(str(tmp_path / "state"))
+    again = PointSearcher(_Inner(["val_acc", "sops_per_image"]), repeat=2)
+    again.restore(str(tmp_path / "state"))  # a resumed sweep finishes point 2 and numbers on
+    again.on_trial_complete("t2", {"val_acc": 10.0, "sops_per_image": 1.0})
+    again.on_trial_complete("t3", {"val_acc": 12.0, "sops_per_image": 3.0})
+    assert again.searcher.told["t2"] == {"val_acc": 11.0, "sops_per_image": 2.0}
+    assert again.suggest("t4")["__point__"] == 3

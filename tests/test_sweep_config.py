@@ -109,6 +109,11 @@ def test_field_overrides_change_every_trials_base_config(tmp_path):
     assert sweep.train.tracking.mlflow is True  # a sweep always records its trials
 
 
+def test_repeated_points_run_without_asha(tmp_path):
+    sweep = load_sweep(write(tmp_path, {**BASE, "scheduler": "none", "search": {"num_samples": 3, "repeats": 3}}))
+    assert (sweep.search.num_samples, sweep.search.repeats, sweep.scheduler.type) == (3, 3, "none")
+
+
 def test_defaults_max_t_to_epochs_and_mode_to_the_metric(tmp_path):
     sweep = load_sweep(write(tmp_path, {**BASE, "metric": "val_loss"}))
     assert sweep.mode == "min" and sweep.max_t == 2
@@ -132,6 +137,8 @@ def test_resolved_sweep_records_the_overrides(tmp_path):
         ("search.num_samples", "many", ["search.num_samples", "'many'"]),
         ("search.num_samples", 0, ["search.num_samples", "got 0"]),
         ("search.max_concurrent", 0, ["search.max_concurrent", "got 0"]),
+        ("search.repeats", 0, ["search.repeats", "got 0"]),
+        ("search.repeats", 3, ["scheduler", "asha", "scheduler: none"]),  # ASHA would stop replicates apart
         ("search.searcher", "hyperopt", ["search.searcher", "'hyperopt'"]),
         ("search.sampler", "grid", ["search.sampler", "'grid'"]),
         ("scheduler.type", "pbt", ["scheduler.type", "'pbt'"]),

@@ -13,9 +13,9 @@ The modules, each importing only those above it:
     run      pre-flight checks, Ray, the searcher, the scheduler and the tuner: run_sweep
 """
 
-from .spec import METRICS, Sweep, SweepError, load_sweep, sweep_to_dict, sweep_yaml
+from .spec import METRICS, Sweep, SweepError, load_sweep, sweep_to_dict
 
-__all__ = ["METRICS", "Sweep", "SweepError", "load_sweep", "run_sweep", "sweep_to_dict", "sweep_yaml"]
+__all__ = ["METRICS", "Sweep", "SweepError", "load_sweep", "run_sweep", "sweep_to_dict"]
 
 
 def run_sweep(sweep: Sweep, **kwargs) -> int:

@@ -117,12 +117,24 @@ def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path |
     _mark_best_and_reference(ax, scored[0], sweep, axes)
     _landscape_axes(ax, axes, sweep)
     title_axes = " x ".join(name for name, _ in axes)
-    ax.set_title(f"Sweep {sweep.name}: {title_axes} landscape ({len(scored)} trials)")
+    ax.set_title(f"Sweep {sweep.name}: {title_axes} landscape ({_count(len(scored), sweep)})")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _count(n: int, sweep: Sweep) -> str:
+    return f"{n} points, means of {sweep.search.repeats} replicates" if sweep.search.repeats > 1 else f"{n} trials"
+
+
+def _error_bars(ax, rows: Sequence[TrialRow], x, y, x_std: str | None, y_std: str | None) -> None:
+    """One standard deviation of the replicates around each point (rows with one replicate: none)."""
+    xs, ys = [r.std.get(x_std, 0.0) if x_std else 0.0 for r in rows], [r.std.get(y_std, 0.0) for r in rows]
+    if any(v > 0 for v in xs + ys):
+        points = ([x(r) for r in rows], [y(r) for r in rows])
+        ax.errorbar(*points, xerr=xs, yerr=ys, fmt="none", ecolor="0.35", elinewidth=0.8, capsize=2, zorder=1)
 
 
 def plot_slices(rows: Sequence[TrialRow], sweep: Sweep, region: dict | None, path: Path) -> Path | None:
@@ -140,6 +152,7 @@ def plot_slices(rows: Sequence[TrialRow], sweep: Sweep, region: dict | None, pat
     for ax, name in zip(axes[0], names):
         for outcome in sorted({r.outcome for r in scored}):
             group = [r for r in scored if r.outcome == outcome]
+            _error_bars(ax, group, lambda r, name=name: coordinates(r)[name], lambda r: r.value, None, metric)
             ax.scatter(
                 [coordinates(r)[name] for r in group],
                 [r.value for r in group],
@@ -163,7 +176,7 @@ def plot_slices(rows: Sequence[TrialRow], sweep: Sweep, region: dict | None, pat
         ax.set_xlabel(name)
     axes[0][0].set_ylabel(f"best {metric}")
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Sweep {sweep.name}: {metric} against each coordinate ({len(scored)} trials)")
+    fig.suptitle(f"Sweep {sweep.name}: {metric} against each coordinate ({_count(len(scored), sweep)})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -179,6 +192,7 @@ def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], sweep: Swee
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    _error_bars(ax, pts, lambda r: r.last[x_name], lambda r: r.last[y_name], f"last_{x_name}", f"last_{y_name}")
     ax.scatter(
         [r.last[x_name] for r in pts],
         [r.last[y_name] for r in pts],
@@ -218,7 +232,7 @@ def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], sweep: Swee
         ax.set_xscale("log")
     ax.set_xlabel(f"{x_name} ({sweep.modes[1]}, last epoch)")
     ax.set_ylabel(f"{y_name} ({sweep.modes[0]}, last epoch)")
-    ax.set_title(f"Sweep {sweep.name}: {len(front)} Pareto-optimal of {len(pts)} trials")
+    ax.set_title(f"Sweep {sweep.name}: {len(front)} Pareto-optimal of {_count(len(pts), sweep)}")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

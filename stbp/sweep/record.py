@@ -9,8 +9,10 @@ the runs that a trial cannot close itself (stopped early by ASHA, failed, interr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,12 +37,20 @@ __all__ = [
     "child_run",
     "fail_child",
     "collect_rows",
+    "ranked",
+    "by_point",
+    "log_point_stats",
+    "POINT_TAG",
+    "REPLICATE_TAG",
     "mark_parent",
 ]
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "ray_trial_id"
 SWEEP_TAG = "stbp.sweep"
+#: Every trial of one sampled point carries the point's number (the runs table groups by it), and its replicate.
+POINT_TAG = "point"
+REPLICATE_TAG = "replicate"
 STATE_FILE = "mlflow_parent.json"
 _ERROR_TAG_LIMIT = 5000  # MLflow tag values are limited (8000 chars on sqlite)
 
@@ -152,7 +162,9 @@ def _children(client: MlflowClient, record: SweepRecord):
     )
 
 
-def child_run(record: SweepRecord, trial_id: str, trial_name: str, params: dict[str, Any]) -> str:
+def child_run(
+    record: SweepRecord, trial_id: str, trial_name: str, params: dict[str, Any], tags: dict[str, str] | None = None
+) -> str:
     """The trial's child run id: found by its ``ray_trial_id`` tag (retry, resume) or created, nested."""
     client = record.client()
     run = _find_child(client, record, trial_id)
@@ -163,7 +175,7 @@ def child_run(record: SweepRecord, trial_id: str, trial_name: str, params: dict[
     run = client.create_run(
         record.experiment_id,
         run_name=trial_name,
-        tags={PARENT_TAG: record.parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: record.sweep_name},
+        tags={PARENT_TAG: record.parent_run_id, TRIAL_TAG: trial_id, SWEEP_TAG: record.sweep_name, **(tags or {})},
     )
     # The searched values first, so that even a trial that fails before training shows them.
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -174,7 +186,8 @@ def _close(record: SweepRecord, trial, status: str, tags: dict[str, str], create
     client = record.client()
     run = _find_child(client, record, trial.trial_id)
     if run is None and create:  # it failed before it could open its run: the record still shows it
-        run_id = child_run(record, trial.trial_id, str(trial), dict(trial.config))
+        params = {k: v for k, v in trial.config.items() if not k.startswith("__")}  # the searcher's bookkeeping
+        run_id = child_run(record, trial.trial_id, str(trial), params)
     elif run is None or run.info.status != "RUNNING":
         return  # never started, or closed already (train() marks its own success FINISHED)
     else:
@@ -248,6 +261,16 @@ class TrialRow:
     epochs: int
     tags: dict[str, str] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
+    #: A point's row (:func:`by_point`): the replicates' standard deviation of ``value`` (under the first metric's
+    #: name) and of each ``last`` metric, how many replicates have a value, and the replicates themselves.
+    std: dict[str, float] = field(default_factory=dict)
+    n: int = 1
+    replicates: tuple[TrialRow, ...] = ()
+
+    @property
+    def point(self) -> str:
+        """The sampled point's number (the trial's own id for a trial recorded without one)."""
+        return self.tags.get(POINT_TAG) or self.trial_id
 
     @property
     def error(self) -> str:
@@ -301,6 +324,50 @@ def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
                 last=last,
             )
         )
+    return ranked(rows, mode)
+
+
+def ranked(rows: Sequence[TrialRow], mode: str) -> list[TrialRow]:
+    """Best first; a failed trial (e.g. diverged after a good epoch) never above one that trained to its end."""
     sign = -1.0 if mode == "max" else 1.0
-    # A failed trial (e.g. diverged after a good epoch) never ranks above one that trained to its end.
     return sorted(rows, key=lambda r: (r.value is None, r.status == "FAILED", sign * (r.value or 0.0), r.trial_id))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
+def by_point(rows: Sequence[TrialRow], sweep: Sweep) -> list[TrialRow]:
+    """One row per sampled point, ranked: the mean over its replicates of the best first metric and of each
+    metric at the last epoch, with their sample standard deviations and counts (failed replicates left out)."""
+    groups: dict[str, list[TrialRow]] = {}
+    for row in ranked(rows, sweep.modes[0]):
+        groups.setdefault(row.point, []).append(row)
+    points = []
+    for point, reps in groups.items():
+        scored = [r.value for r in reps if r.value is not None and math.isfinite(r.value)]
+        value, spread = _mean_std(scored) if scored else (None, float("nan"))
+        last, std = {}, {sweep.metrics[0]: spread}
+        for name in dict.fromkeys(k for r in reps for k in r.last):
+            last[name], std[f"last_{name}"] = _mean_std([r.last[name] for r in reps if name in r.last])
+        best = reps[0]  # its run holds the point's best model
+        status = best.status if scored or len(reps) == 1 else "FAILED"
+        epochs = max(r.epochs for r in reps)
+        row = TrialRow(point, best.run_id, best.params, status, value, epochs, best.tags, last, std, len(scored))
+        points.append(dataclasses.replace(row, replicates=tuple(reps)))
+    return ranked(points, sweep.modes[0])
+
+
+def log_point_stats(record: SweepRecord, points: Sequence[TrialRow], sweep: Sweep) -> None:
+    """On every replicate's run, its point's mean and standard deviation of the first metric and ``replicates``
+    (n), so that the compare page can plot a point's mean against its parameters."""
+    from mlflow.entities import Metric
+
+    client, metric = record.client(), sweep.metrics[0]
+    for p in points:
+        if p.value is None:
+            continue
+        stats = {f"{metric}_mean": p.value, f"{metric}_std": p.std.get(metric, 0.0), "replicates": p.n}
+        for rep in p.replicates:
+            client.log_batch(rep.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in stats.items()])

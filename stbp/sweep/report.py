@@ -13,7 +13,7 @@ from mlflow.entities import Metric, Param, RunTag
 from ..config import Config, apply_overrides, save_yaml
 from .analysis import derived, pareto_front, working_region
 from .plots import plot_landscape, plot_pareto, plot_slices
-from .record import COST_METRICS, SweepRecord, TrialRow
+from .record import COST_METRICS, SweepRecord, TrialRow, by_point, log_point_stats
 from .spec import Sweep
 
 __all__ = [
@@ -32,8 +32,10 @@ MIN_TRIALS_FOR_IMPORTANCE = 4
 
 
 def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path, front: Sequence[TrialRow] = ()) -> Path:
-    """Every trial: rank, searched values, derived coordinates, best first metric, every metric and the spike cost
-    at the last epoch, whether it is Pareto-optimal (multi-objective sweeps), outcome, run id, error."""
+    """Every point (:func:`~stbp.sweep.record.by_point`): rank, searched values, derived coordinates, the mean
+    and standard deviation over its replicates of the best first metric and of every metric and the spike cost
+    at the last epoch, how many replicates, whether it is Pareto-optimal (multi-objective sweeps), outcome, the
+    best replicate's run id, error."""
     derived_names = list(derived(rows[0].params)) if rows else []
     last = list(dict.fromkeys((*sweep.metrics, *COST_METRICS)))
     on_front = {r.trial_id for r in front}
@@ -42,11 +44,13 @@ def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path, front: Sequenc
         out.writerow(
             [
                 "rank",
-                "trial_id",
+                "point",
                 *sweep.param_names,
                 *(n.replace("/", "_over_") for n in derived_names),
                 f"best_{sweep.metrics[0]}",
-                *(f"last_{m}" for m in last),
+                f"best_{sweep.metrics[0]}_std",
+                *(f"last_{m}{s}" for m in last for s in ("", "_std")),
+                "n",
                 *(["pareto_optimal"] if sweep.multi_objective else []),
                 "epochs_run",
                 "status",
@@ -63,7 +67,13 @@ def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path, front: Sequenc
                     *(r.params[n] for n in sweep.param_names),
                     *(extra.get(n, "") for n in derived_names),
                     "" if r.value is None else r.value,
-                    *(r.last.get(m, "") for m in last),
+                    r.std.get(sweep.metrics[0], 0.0),
+                    *(
+                        v
+                        for m in last
+                        for v in (r.last.get(m, ""), r.std.get(f"last_{m}", "" if m not in r.last else 0))
+                    ),
+                    r.n,
                     *([str(r.trial_id in on_front).lower()] if sweep.multi_objective else []),
                     r.epochs,
                     r.outcome,
@@ -91,7 +101,8 @@ def write_report(
         client.log_artifact(parent, str(path), "report")
     metrics = [Metric(f"importance.{k}", float(v), 0, 0) for k, v in (importances or {}).items()]
     best = rows[0] if rows and rows[0].value is not None else None
-    tags = [RunTag("trials", str(len(rows))), RunTag("compare_trials_url", compare_url(record, rows))]
+    trials = [run for r in rows for run in r.replicates or (r,)]
+    tags = [RunTag("trials", str(len(trials))), RunTag("compare_trials_url", compare_url(record, trials))]
     if region is not None:
         metrics.append(Metric("region.trials", region["trials"], 0, 0))
         metrics += [
@@ -103,7 +114,8 @@ def write_report(
     if sweep.multi_objective:
         on_front = {r.trial_id for r in front}
         for r in rows:
-            client.set_tag(r.run_id, "pareto_optimal", str(r.trial_id in on_front).lower())
+            for run in r.replicates or (r,):
+                client.set_tag(run.run_id, "pareto_optimal", str(r.trial_id in on_front).lower())
         tags.append(RunTag("pareto_trials", ",".join(r.trial_id for r in front)))
     if best is not None:
         metrics.append(Metric(f"best_{sweep.metrics[0]}", best.value, 0, 0))
@@ -140,6 +152,14 @@ def _g(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _value(row: TrialRow, sweep: Sweep) -> str:
+    """The best first metric; a point's mean with its standard deviation and count when points repeat."""
+    if row.value is None:
+        return "-"
+    spread = row.std.get(sweep.metrics[0], 0.0)
+    return f"{row.value:.4g} ± {spread:.2g} (n={row.n})" if sweep.search.repeats > 1 else f"{row.value:.4g}"
+
+
 def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRow] = ()) -> str:
     """The ranked trials as a plain-text table: searched values, aa/v_th, the best metric, the synaptic operations
     per image of the last epoch and, in a multi-objective sweep, every metric and the Pareto-optimal ones."""
@@ -149,7 +169,7 @@ def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRo
     cost = [] if "sops_per_image" in others else ["sops_per_image"]
     header = [
         "rank",
-        "trial",
+        "point",
         *names,
         *derived_names,
         f"best {sweep.metrics[0]}",
@@ -169,7 +189,7 @@ def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRo
                 r.trial_id,
                 *(_g(r.params[n]) for n in names),
                 *(_g(extra.get(n, "-")) for n in derived_names),
-                "-" if r.value is None else f"{r.value:.4g}",
+                _value(r, sweep),
                 *(_g(r.last.get(m, "-")) for m in (*others, *cost)),
                 *(["*" if r.trial_id in on_front else ""] if sweep.multi_objective else []),
                 str(r.epochs),
@@ -259,9 +279,11 @@ def importances(rows: Sequence[TrialRow], sweep: Sweep) -> dict[str, float] | No
         return None
 
 
-def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: Path) -> int:
-    """The end of a complete sweep: the report files, the working region, the Pareto front and the best trial on
-    the parent run, and the table."""
+def report(sweep: Sweep, record: SweepRecord, trials: list[TrialRow], sweep_dir: Path) -> int:
+    """The end of a complete sweep: the report files, the working region, the Pareto front and the best point on
+    the parent run (each on the points' means over their replicates), and the table."""
+    rows = by_point(trials, sweep)
+    log_point_stats(record, rows, sweep)
     out = sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front(rows, sweep.metrics, sweep.modes) if sweep.multi_objective else []
@@ -287,13 +309,16 @@ def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: P
         files.append(out / "best_config.yaml")
     write_report(record, rows, sweep, files, scores, region, front)
     registered = register_best(record, best, sweep.mlflow.registered_model) if best is not None else None
-    print(f"\nSweep {sweep.name!r}: {len(rows)} trials, ranked by their best {sweep.metrics[0]} ({sweep.modes[0]})")
+    count = (
+        f"{len(rows)} points x {sweep.search.repeats} replicates" if sweep.search.repeats > 1 else f"{len(rows)} trials"
+    )
+    print(f"\nSweep {sweep.name!r}: {count}, ranked by their best {sweep.metrics[0]} ({sweep.modes[0]})")
     print(format_table(rows, sweep, front))
     if best is None:
         print("\nNo trial reported a value: see the errors above and in MLflow.")
         return 1
     print(
-        f"\nBest trial {best.trial_id}: {sweep.metrics[0]} {best.value:.4g} with "
+        f"\nBest point {best.trial_id}: {sweep.metrics[0]} {_value(best, sweep)} with "
         + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     )
     if region is not None:
@@ -309,5 +334,5 @@ def report(sweep: Sweep, record: SweepRecord, rows: list[TrialRow], sweep_dir: P
     if scores:
         print("Parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     print(f"Report files: {out}")
-    print(ui_hint(record, rows))
+    print(ui_hint(record, trials))
     return 0

@@ -1,7 +1,7 @@
 """Running a sweep: pre-flight checks (everything that can refuse does so before Ray starts), a private local Ray
 cluster (or the one given), Optuna's searcher and ASHA under Ray Tune, then the report.
 
-    sweep = load_sweep("sweeps/vth_aa.yaml", train_cli=["--epochs", "2"])  # validated; nothing started
+    sweep = load_sweep("sweeps/vth_aa.yaml", overrides={"epochs": 2})  # validated; nothing started
     run_sweep(sweep)                                                        # Ray, trials, MLflow, report
 """
 
@@ -18,7 +18,8 @@ from ..ports import free_port
 from ..tracking import check_tracking_uri, resolve_tracking_uri
 from .record import STATE_FILE, SweepCallback, collect_rows, mark_parent, open_sweep_record
 from .report import report
-from .spec import Resources, Sweep, SweepError, sweep_to_dict, sweep_yaml
+from .searcher import make_searcher
+from .spec import Resources, Sweep, SweepError, sweep_to_dict
 from .trial import TrialPlan, stbp_trial, trial_dirname, trial_resources
 
 __all__ = ["run_sweep", "SWEEP_FILE"]
@@ -30,28 +31,6 @@ SWEEP_FILE = "sweep.yaml"
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise SweepError(message)
-
-
-def _searcher(sweep: Sweep):
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune reports the trials already
-    s = sweep.search
-    sampler_cls = {
-        "tpe": optuna.samplers.TPESampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "random": optuna.samplers.RandomSampler,
-    }[s.sampler]
-    searcher = OptunaSearch(  # with several metrics, Optuna's study has one direction per metric
-        space={name: p.distribution() for name, p in sweep.space.items()},
-        metric=list(sweep.metrics) if sweep.multi_objective else sweep.metric,
-        mode=list(sweep.modes) if sweep.multi_objective else sweep.mode,
-        points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None,
-        sampler=sampler_cls(seed=s.seed),
-    )
-    return ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent)
 
 
 def _scheduler(sweep: Sweep):
@@ -86,9 +65,9 @@ def _tuner(sweep: Sweep, plan: TrialPlan, sweep_dir: Path, resume: bool):
         tune_config=tune.TuneConfig(
             metric=None if sweep.multi_objective else sweep.metric,  # the searcher has them; no scheduler needs one
             mode=None if sweep.multi_objective else sweep.mode,
-            search_alg=_searcher(sweep),
+            search_alg=make_searcher(sweep),
             scheduler=_scheduler(sweep),
-            num_samples=sweep.search.num_samples,
+            num_samples=sweep.search.num_samples * sweep.search.repeats,  # trials: every point repeated
             trial_dirname_creator=trial_dirname,
             # A trial's worker process serves the next trial too: no new process importing torch, Ray and MLflow
             # and reading the data set per trial (every trial builds its own model, optimiser and run). Not for DDP
@@ -288,7 +267,7 @@ def run_sweep(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     saved = sweep_dir / SWEEP_FILE
     if not resume:
-        saved.write_text(sweep_yaml(sweep))
+        saved.write_text(yaml.safe_dump(sweep_to_dict(sweep), sort_keys=False))
     record = open_sweep_record(sweep, tracking_uri, sweep_dir, saved)
     plan = TrialPlan(
         base=sweep.train,
@@ -298,6 +277,7 @@ def run_sweep(
         keep_checkpoints=sweep.checkpoints.num_to_keep,
         data_dir=str(resolve_data_dir(sweep.train.data.data_dir)),
         metrics=sweep.metrics,
+        repeats=sweep.search.repeats,
     )
     try:
         _start_ray(address)

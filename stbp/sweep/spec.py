@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import field
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter
 
 from ..config import (
@@ -133,7 +132,9 @@ class Search:
     points_to_evaluate: tuple[dict[Str, Any], ...] = ()
     """Tried first, in order: one value for every searched parameter."""
     num_samples: AtLeast1 = 8
-    """Trials in all, points_to_evaluate included."""
+    """Points sampled in all, points_to_evaluate included."""
+    repeats: AtLeast1 = 1
+    """Trainings of every point, seeds train.seed + 0, 1, ...: the searcher and the report see their mean."""
     max_concurrent: AtLeast1 = 1
     """Trials at once."""
 
@@ -276,6 +277,8 @@ class Sweep:
     def _check_scheduler(self) -> None:
         if self.scheduler.type == "none":
             return
+        if self.search.repeats > 1:
+            raise ValueError("scheduler: asha would stop a point's replicates apart: use `scheduler: none` to repeat")
         if self.multi_objective:
             raise ValueError("scheduler: asha ranks trials by one metric; set `scheduler: none` for several (Pareto)")
         if self.max_t > self.train.run.epochs:
@@ -365,7 +368,3 @@ def sweep_to_dict(sweep: Sweep) -> dict[str, Any]:
     return {
         k: v for k, v in TypeAdapter(Sweep).dump_python(sweep, mode="json", warnings=False).items() if k != "source"
     }
-
-
-def sweep_yaml(sweep: Sweep) -> str:
-    return yaml.safe_dump(sweep_to_dict(sweep), sort_keys=False, default_flow_style=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..checkpoint import CheckpointDir
 from ..config import Config, apply_overrides, config_from_dict, config_to_dict
 from ..monitor import SPIKE_COST
-from .record import SweepRecord, child_run, fail_child
+from .record import POINT_TAG, REPLICATE_TAG, SweepRecord, child_run, fail_child
 from .spec import Resources
 
 __all__ = ["TrialPlan", "stbp_trial", "trial_config", "trial_resources", "trial_dirname", "restore_checkpoint"]
@@ -41,12 +41,32 @@ class TrialPlan:
     keep_checkpoints: int
     data_dir: str
     metrics: tuple[str, ...]  # what Tune's scheduler and searcher read from every trial's results
+    repeats: int = 1  # trainings of every sampled point
+
+
+#: What the searcher (:class:`stbp.sweep.run.PointSearcher`) adds to a trial's sampled values.
+POINT_KEY, REPLICATE_KEY = "__point__", "__trial_index__"
+
+
+def split_params(params: dict) -> tuple[dict, int, int]:
+    """A trial's sampled values (numpy scalars as Python ones), its point's number (1, 2, ...; 0 where the
+    searcher numbered none) and its replicate (0, 1, ...)."""
+    values = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}
+    return values, int(values.pop(POINT_KEY, 0)), int(values.pop(REPLICATE_KEY, 0))
+
+
+def trial_title(sweep_name: str, values: dict, point: int, replicate: int, repeats: int) -> str:
+    """What the runs table shows: ``smoke-03 v_th=0.4 aa=0.5`` (``#2`` for a second replicate)."""
+    shown = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    return f"{sweep_name}-{point:02d} {shown}" + (f" #{replicate + 1}" if repeats > 1 else "")
 
 
 def trial_config(plan: TrialPlan, params: dict, trial_dir: Path, run_id: str, run_name: str) -> Config:
-    """The base config with the trial's values; its outputs in the trial's directory, its run in MLflow."""
-    values = {k: v.item() if hasattr(v, "item") else v for k, v in params.items()}  # numpy scalars
+    """The base config with the trial's values; its outputs in the trial's directory, its run in MLflow; the
+    replicates of a point train from the seeds ``seed``, ``seed + 1``, ..."""
+    values, _, replicate = split_params(params)
     values.update(
+        seed=values.get("seed", plan.base.run.seed) + replicate,
         output_dir=str(trial_dir / "train"),
         resume="auto",  # a retried or restored trial continues from its checkpoint
         run_id=run_id,
@@ -70,8 +90,11 @@ def stbp_trial(params: dict, plan: TrialPlan) -> None:
     # Trial outputs live in the trial's directory of the sweep (not Ray's per-session staging directory),
     # so that a resumed sweep finds them.
     trial_dir = Path(plan.sweep_dir) / Path(ctx.get_trial_dir()).name
-    run_id = child_run(plan.record, ctx.get_trial_id(), ctx.get_trial_name(), params)
-    cfg = trial_config(plan, params, trial_dir, run_id, ctx.get_trial_name())
+    values, point, replicate = split_params(params)
+    title = trial_title(plan.record.sweep_name, values, point, replicate, plan.repeats)
+    tags = {POINT_TAG: f"{point:02d}", REPLICATE_TAG: str(replicate)} if point else {}
+    run_id = child_run(plan.record, ctx.get_trial_id(), title, values, tags)
+    cfg = trial_config(plan, params, trial_dir, run_id, title)
     try:
         if plan.resources.workers == 1:
             restore_checkpoint(tune.get_checkpoint(), cfg)
