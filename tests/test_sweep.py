@@ -830,3 +830,57 @@ def test_each_replicate_carries_its_points_mean_and_std_and_the_report_ranks_the
         table = list(csv.DictReader(f))
     assert [(t["point"], t["n"]) for t in table] == [("01", "2"), ("02", "2")]
     assert [float(t["best_val_acc"]) for t in table] == [pytest.approx(means["01"]), pytest.approx(means["02"])]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The MLflow UI a user opens on that sweep, in a real headless Chromium
+# ----------------------------------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no Chromium at /usr/bin/chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, "--no-first-run"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.mark.slow
+def test_the_runs_table_lists_the_trials_under_their_parent(repeated_sweep, mlflow_server, browser, tmp_path):
+    s = repeated_sweep
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(f"{mlflow_server}/#/experiments/{s.parent.info.experiment_id}/runs")
+    parent = page.get_by_text("reps", exact=True).first
+    parent.wait_for(timeout=60_000)
+    row = page.locator('[role="row"]', has=parent)
+    row.locator("button").first.click()  # the parent's expander
+    names = sorted(r.info.run_name for r in s.runs)
+    cells = [page.get_by_text(name, exact=True) for name in names]
+    for cell in cells:
+        cell.wait_for(timeout=30_000)
+    page.screenshot(path=str(tmp_path / "runs.png"))
+    top = parent.bounding_box()
+    for cell in cells:  # below the parent, indented under it
+        box = cell.bounding_box()
+        assert box["y"] > top["y"] and box["x"] > top["x"], (box, top)
+
+
+@pytest.mark.slow
+def test_the_compare_page_plots_v_th_and_aa_against_val_acc(repeated_sweep, mlflow_server, browser, tmp_path):
+    s = repeated_sweep
+    parent = s.client.get_run(s.parent.info.run_id)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(parent.data.tags["compare_trials_url"])
+    page.get_by_text(f"Comparing {len(s.runs)} Runs").wait_for(timeout=60_000)
+    plot = page.locator(".js-plotly-plot").first  # the parallel coordinates plot, drawn by plotly
+    plot.wait_for(timeout=30_000)
+    page.screenshot(path=str(tmp_path / "compare.png"))
+    axes = set(plot.locator("text").all_text_contents())  # SVG text: its content, not inner text
+    assert {"v_th", "aa", "val_acc"} <= axes, axes
+    assert all(page.get_by_text(r.info.run_name, exact=True).count() for r in s.runs)
