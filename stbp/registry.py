@@ -1,7 +1,10 @@
 """The MLflow Model Registry: a checkpoint logged with the ``mlflow.pytorch`` flavour and registered by name.
 
-    model = mlflow.pytorch.load_model("models:/stbp-smoke/latest")   # an nn.Module, in eval mode
+    model = mlflow.pytorch.load_model("models:/stbp-smoke/latest")   # a module, already in eval mode
     logits = model(images)   # [N, C, H, W] float32, normalised with the data set's mean/std (see the version)
+
+(torch's exported programs raise NotImplementedError on ``.eval()`` and ``.train()``; the formats that would allow
+them, TorchScript and a pickled module, need ``torch.load(weights_only=False)``.)
 
 The model is logged with its signature and an input example, exported with ``torch.export`` (MLflow's ``pt2``
 format): it loads as a graph of torch operations, without unpickling any class and without this package. MLflow is

@@ -71,3 +71,51 @@ def test_register_model_puts_best_pt_in_the_registry_and_it_scores_like_best_pt(
 
     version = MlflowClient(uri).get_model_version("stbp-unit", "1")
     assert version.run_id == summary["mlflow_run_id"] and "normalised with mean [0.1307]" in version.description
+
+
+def test_mlflows_scoring_server_answers_with_the_logits_of_best_pt(tmp_path, data_dir):
+    """`mlflow models serve -m models:/NAME/1 --env-manager local`: a REST query on test images gets the logits
+    that best.pt's model gives for them."""
+    import json
+    import os
+    import urllib.request
+
+    from stbp import load_checkpoint
+    from tests._dist import free_port
+    from tests._procs import http_status, start, stop_group, wait_for
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = build_config(
+        preset="tiny",
+        overrides=dict(
+            data_dir=data_dir,
+            output_dir=str(tmp_path / "out"),
+            train_size=512,
+            val_size=128,
+            test_size=128,
+            tracking_uri=uri,
+            register_model="stbp-served",
+        ),
+    )
+    train(cfg)
+    images = normalize(load_dataset("mnist", data_dir).test_images[:8], (0.1307,), (0.3081,))
+    model, _ = load_checkpoint(tmp_path / "out" / "checkpoints" / "best.pt")
+    with torch.no_grad():
+        expected = model.eval()(images)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    args = ["models", "serve", "-m", "models:/stbp-served/1", "--env-manager", "local"]
+    proc = start([mlflow_cli, *args, "--host", "127.0.0.1", "--port", port], tmp_path / "serve.log", env=env)
+    try:
+        health = f"http://127.0.0.1:{port}/ping"
+        wait_for(lambda: http_status(health) == 200, 180, "the scoring server", proc, logs=[tmp_path / "serve.log"])
+        body = json.dumps({"inputs": images.tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        stop_group(proc)
+    torch.testing.assert_close(torch.tensor(answer["predictions"]), expected, rtol=1e-5, atol=1e-5)
