@@ -103,8 +103,9 @@ def test_mlflows_scoring_server_answers_with_the_logits_of_best_pt(tmp_path, dat
     with torch.no_grad():
         expected = model.eval()(images)
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    bin_dir = Path(sys.executable).parent  # the server execs uvicorn from the environment's bin
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    mlflow_cli = bin_dir / "mlflow"
     args = ["models", "serve", "-m", "models:/stbp-served/1", "--env-manager", "local"]
     proc = start([mlflow_cli, *args, "--host", "127.0.0.1", "--port", port], tmp_path / "serve.log", env=env)
     try:
