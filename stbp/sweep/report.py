@@ -202,10 +202,10 @@ def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRo
     return "\n".join(lines)
 
 
-def format_region(region: dict) -> str:
-    """Where the network works, in one line per coordinate."""
+def format_region(region: dict, unit: str = "trials") -> str:
+    """Where the network works, in one line per coordinate (``unit``: what the rows are, trials or points)."""
     lines = [
-        f"Where it works: {region['trials']} of {region['of']} trials reach {region['fraction']:.0%} of the "
+        f"Where it works: {region['trials']} of {region['of']} {unit} reach {region['fraction']:.0%} of the "
         f"best {region['metric']} ({region['best']:.4g}; threshold {region['threshold']:.4g}):"
     ]
     for name, span in region["ranges"].items():
@@ -322,7 +322,7 @@ def report(sweep: Sweep, record: SweepRecord, trials: list[TrialRow], sweep_dir:
         + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     )
     if region is not None:
-        print(format_region(region))
+        print(format_region(region, "points" if sweep.search.repeats > 1 else "trials"))
     if sweep.multi_objective:
         print(
             f"Pareto front ({', '.join(f'{m} {d}' for m, d in zip(sweep.metrics, sweep.modes))}): "
