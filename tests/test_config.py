@@ -429,11 +429,10 @@ def test_configs_are_frozen_and_do_not_share_tags():
 
 
 def _custom_config() -> Config:
-    return build_config(
-        preset="seed",
-        overrides={"betas": (0.85, 0.995), "grad_clip": 2.5, "tags": {"team": "snn", "note": "a=b"}, "eps": 1e-10,
-                   "data_dir": "/data/mnist", "run_name": "r1", "readout": "spikes", "resume": "runs/x/last.pt"},
-    )  # fmt: skip
+    tags = {"team": "snn", "note": "a=b"}
+    paths = {"data_dir": "/data/mnist", "run_name": "r1", "resume": "runs/x/last.pt"}
+    changed = {"betas": (0.85, 0.995), "grad_clip": 2.5, "tags": tags, "eps": 1e-10, "readout": "spikes", **paths}
+    return build_config(preset="seed", overrides=changed)
 
 
 @pytest.mark.parametrize("make", [Config, _custom_config, lambda: build_config(preset="tiny")])
