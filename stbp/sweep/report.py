@@ -84,6 +84,11 @@ def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path, front: Sequenc
     return path
 
 
+def _trials(points: Sequence[TrialRow]) -> list[TrialRow]:
+    """Every trial of the points, point by point."""
+    return [run for p in points for run in p.replicates or (p,)]
+
+
 def write_report(
     record: SweepRecord,
     rows: Sequence[TrialRow],
@@ -101,7 +106,7 @@ def write_report(
         client.log_artifact(parent, str(path), "report")
     metrics = [Metric(f"importance.{k}", float(v), 0, 0) for k, v in (importances or {}).items()]
     best = rows[0] if rows and rows[0].value is not None else None
-    trials = [run for r in rows for run in r.replicates or (r,)]
+    trials = _trials(rows)
     tags = [RunTag("trials", str(len(trials))), RunTag("compare_trials_url", compare_url(record, trials))]
     if region is not None:
         metrics.append(Metric("region.trials", region["trials"], 0, 0))
@@ -334,5 +339,5 @@ def report(sweep: Sweep, record: SweepRecord, trials: list[TrialRow], sweep_dir:
     if scores:
         print("Parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     print(f"Report files: {out}")
-    print(ui_hint(record, trials))
+    print(ui_hint(record, _trials(rows)))  # the link the parent's tag keeps
     return 0
