@@ -132,6 +132,18 @@ def test_the_frame_settings_and_the_split_hash_are_mlflow_params(event_root, tmp
     assert "split_hash" not in summary
 
 
+def test_a_resumed_event_run_continues_exactly(event_root, tmp_path):
+    """Crops and flips of frames come from the same seeded generator as images' do: 1 + 1 epochs = 2 epochs."""
+    augmented = dict(crop_padding=2, hflip=True, batch_size=16)
+    full = train(event_config(event_root, tmp_path / "a", "nmnist", epochs=2, **augmented))
+    train(event_config(event_root, tmp_path / "b", "nmnist", epochs=1, **augmented))
+    resumed = train(event_config(event_root, tmp_path / "b", "nmnist", epochs=2, **augmented))
+    assert (resumed["epochs_run"], resumed["split_hash"]) == (2, full["split_hash"])
+    a, b = (torch.load(tmp_path / d / "out/checkpoints/last.pt", weights_only=True) for d in "ab")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
 # ---------------------------------------------------------------- what is refused before training
 
 
