@@ -344,4 +344,4 @@ def test_a_two_trial_sweep_on_cifar10_files(data_root, tmp_path):
     for run in runs:
         assert run.data.params["dataset"] == "cifar10" and run.data.params["in_channels"] == "3"
         assert run.info.status in ("FINISHED", "KILLED") and "val_acc" in run.data.metrics
-    assert "Best trial" in proc.stdout
+    assert "Best point" in proc.stdout
