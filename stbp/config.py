@@ -74,6 +74,12 @@ class DataConfig:
     """Zero-padding for the random crop; 0 disables random cropping."""
     hflip: Bool = False
     """Random horizontal flips."""
+    frame_split: Literal["count", "time"] = "count"
+    """Event data: each sample cut into timesteps frames of equal event counts ('count') or time spans ('time')."""
+    frame_size: AtLeast1 | None = None
+    """Event data: frames downscaled to this many pixels a side (e.g. 64 for the 128x128 sets); None = the sensor's."""
+    dvs_test_split: Literal["last100", "first100"] = "last100"
+    """CIFAR10-DVS: its test set is each class's last 100 recordings ('last100') or first 100 ('first100')."""
     download: Bool = True
     """Download the dataset if it is missing."""
 

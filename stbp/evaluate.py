@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import DataFormatError, DataNotFoundError, load_dataset, normalize
+from .config import ConfigError
+from .data import DataFormatError, DataNotFoundError, FrameSettings, load_dataset, model_input
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum
+from .model import channels_last
 from .monitor import FiringRateMonitor, firing_rate_chart, spike_cost
 
 __all__ = ["evaluate", "evaluate_checkpoint", "main"]
@@ -53,7 +55,7 @@ def evaluate(
     with FiringRateMonitor(model) if firing_rates else contextlib.nullcontext() as monitor:
         for x, y in batches:
             with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+                logits = model(channels_last(x)).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
             count += y.shape[0]
@@ -82,14 +84,17 @@ def evaluate_checkpoint(
     """Test accuracy, loss and per-layer firing rates of a checkpoint (``limit``: first N test images only)."""
     model, cfg = load_checkpoint(path, map_location=device)
     model = model.to(device, memory_format=torch.channels_last)
-    spec = DATASETS[cfg.data.dataset]  # the checkpoint says which data set it was trained on
-    data = load_dataset(spec.name, data_dir if data_dir is not None else cfg.data.data_dir, download=cfg.data.download)
+    spec = DATASETS[cfg.data.dataset]  # the checkpoint says which data set it was trained on (and its frames)
+    root = data_dir if data_dir is not None else cfg.data.data_dir
+    frames = FrameSettings.of(cfg) if spec.events else None
+    data = load_dataset(spec.name, root, download=cfg.data.download, frames=frames)
     images, labels = data.test_images[:limit].to(device), data.test_labels[:limit].to(device)
     batches = zip(images.split(batch_size), labels.split(batch_size))
-    batches = ((normalize(x, spec.mean, spec.std), y) for x, y in batches)
+    batches = ((model_input(x, spec), y) for x, y in batches)
     result = evaluate(model, batches, "test", firing_rates=True)
     rates = {k.removeprefix("firing_rate/"): v for k, v in result.items() if k.startswith("firing_rate/")}
-    return {**{k: v for k, v in result.items() if "/" not in k}, "firing_rates": rates}
+    split = {"split_hash": data.split_hash} if data.split_hash else {}
+    return {**{k: v for k, v in result.items() if "/" not in k}, **split, "firing_rates": rates}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.batch_size, args.device)
-    except (CheckpointError, DataNotFoundError, DataFormatError) as e:
+    except (CheckpointError, ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"test accuracy {result['test_acc']:.2f}%  test loss {result['test_loss']:.4f}")
+    split = f"  (split {result['split_hash']})" if "split_hash" in result else ""
+    print(f"test accuracy {result['test_acc']:.2f}%  test loss {result['test_loss']:.4f}{split}")
     print(
         f"spike cost per image: {result['spikes_per_image']:,.0f} spikes, {result['sops_per_image']:,.0f} "
         f"synaptic operations, {result['energy_uj_per_image']:.3f} uJ (45 nm estimate; stbp/monitor.py)"

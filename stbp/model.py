@@ -1,7 +1,8 @@
 """Spiking ResNet-19 (tdBN paper, Zheng et al. 2021, table 5) built from :class:`LIF` and :class:`TdBN`.
 
-Shapes: images ``[N, C, H, W]`` are repeated over ``T`` time steps (direct encoding); every convolution and
-tdBN sees ``[T*N, C, H, W]`` with time folded into the batch; each LIF unfolds it to ``[T, N, ...]`` by a view.
+Shapes: images ``[N, C, H, W]`` are repeated over ``T`` time steps (direct encoding); event frames
+``[N, T, C, H, W]`` bring a new input at every step. Every convolution and tdBN sees ``[T*N, C, H, W]`` with time
+folded into the batch; each LIF unfolds it to ``[T, N, ...]`` by a view.
 The logits ``[N, num_classes]`` are the mean over time of the last linear layer (``readout="mean"``), or
 the firing rate of a spiking output layer (``readout="spikes"``, the reference's behaviour, whose logits at T=2
 can only be 0, 0.5 or 1).
@@ -12,13 +13,20 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .conv import SpikeConv2d
 from .neuron import LIF
 from .tdbn import RESIDUAL_ALPHA, TdBN
 
-__all__ = ["BasicBlock", "SpikingResNet", "resnet19", "resnet19_options"]
+__all__ = ["BasicBlock", "SpikingResNet", "channels_last", "resnet19", "resnet19_options"]
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """Images ``[N, C, H, W]`` in the channels-last layout of the model's weights; event frames ``[N, T, C, H, W]``
+    as they are (the model lays them out once it has folded time into the batch)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -126,13 +134,10 @@ class SpikingResNet(nn.Module):
         return {name: self.fc1.out_features, "lif_fc1": self.fc2.out_features}
 
     def forward(self, images: Tensor, per_step: bool = False) -> Tensor:
-        """``[N, C, H, W]`` -> ``[N, num_classes]``, the time-mean output; ``per_step``: ``[T, N, num_classes]``,
-        the output at every time step (what TET's loss reads)."""
+        """Images ``[N, C, H, W]`` or event frames ``[N, T, C, H, W]`` -> ``[N, num_classes]``, the time-mean output;
+        ``per_step``: ``[T, N, num_classes]``, the output at every time step (what TET's loss reads)."""
         steps, n = self.timesteps, images.shape[0]
-        # Direct encoding: the stem sees the same image at every step, so convolve it once and repeat the result
-        # over time ([N, ...] -> [T*N, ...]); the gradient of the repeat sums over time, as it should.
-        x = self.conv1(images)
-        x = x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
+        x = self._stem(images)
         x, mask = self.lif1.forward_folded(self.bn1(x), steps, return_mask=True)
         for stage in self.stages:
             for block in stage:
@@ -143,6 +148,21 @@ class SpikingResNet(nn.Module):
         if self.lif_out is not None:
             x = self.lif_out(x)
         return x if per_step else x.mean(0)
+
+    def _stem(self, images: Tensor) -> Tensor:
+        """The stem convolution's output at every step, ``[T*N, C, H, W]`` (time-major, as the LIFs unfold it)."""
+        steps = self.timesteps
+        if images.dim() == 5:
+            if images.shape[1] != steps:
+                raise ValueError(
+                    f"event frames [N, T, C, H, W] need T = timesteps = {steps}, got {tuple(images.shape)}"
+                )
+            # A new frame at every step: the stem convolves each one ([N, T, ...] -> [T*N, ...]).
+            return self.conv1(channels_last(images.transpose(0, 1).flatten(0, 1)))
+        # Direct encoding: the stem sees the same image at every step, so convolve it once and repeat the result
+        # over time ([N, ...] -> [T*N, ...]); the gradient of the repeat sums over time, as it should.
+        x = self.conv1(images)
+        return x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
 
 
 def resnet19(width: float = 1.0, **options: Any) -> SpikingResNet:

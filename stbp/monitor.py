@@ -13,6 +13,11 @@ per layer, in evaluation only). Spikes that reach a linear layer (through the gl
 ``out_features`` each (``model.dense_fan_outs()``). The stem convolution sees pixels, not spikes: its
 multiply-accumulates (MACs) are counted apart. Energy on 45 nm CMOS (Horowitz, ISSCC 2014, 32-bit float, as SNN
 papers estimate it): ``E = E_AC x SOPs + E_MAC x MACs``.
+
+On event frames (inputs ``[N, T, C, H, W]``) the stem runs at every step on frames of event counts (``log(1 +
+count)``), which are not binary, so its operations stay MACs, but only the nonzero inputs count: an event-driven stem
+does nothing for a pixel without events. They are counted like SOPs (``C_out x`` the nonzero inputs in each window,
+over all T steps) and priced as MACs. A static image's stem counts every MAC, once for all T (its pixels are dense).
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class FiringRateMonitor:
         self._fan_out = [float(dense.get(name, 0)) for name in self.names]
         self._sops: Tensor | None = None
         self._macs = 0
+        self._sparse_macs: Tensor | None = None  # the stem's MACs on event frames: nonzero inputs only
+        self._events = False  # whether the model's current input is event frames
+        self._handles.append(model.register_forward_pre_hook(self._input_hook))
         for module in model.modules():
             if isinstance(module, SpikeConv2d):
                 self._handles.append(module.register_forward_pre_hook(self._sop_hook))
@@ -75,23 +83,34 @@ class FiringRateMonitor:
 
         return hook
 
-    def _sop_hook(self, conv: nn.Conv2d, inputs) -> None:
-        spikes = inputs[0].detach()
-        with torch.autocast(spikes.device.type, enabled=False):  # exact integer counts: no bf16 here
-            per_position = spikes.sum(1, keepdim=True, dtype=torch.float32)
-            window = torch.ones(1, 1, *conv.kernel_size, device=spikes.device)
+    def _input_hook(self, model: nn.Module, inputs) -> None:
+        self._events = bool(inputs) and inputs[0].dim() == 5
+
+    @staticmethod
+    def _reached(conv: nn.Conv2d, active: Tensor) -> Tensor:
+        """``C_out x`` the active (nonzero) inputs in every output position's window: the synapses they reach."""
+        with torch.autocast(active.device.type, enabled=False):  # exact integer counts: no bf16 here
+            per_position = active.sum(1, keepdim=True, dtype=torch.float32)
+            window = torch.ones(1, 1, *conv.kernel_size, device=active.device)
             reached = F.conv2d(per_position, window, stride=conv.stride, padding=conv.padding)
-        sops = reached.sum(dtype=torch.float64) * conv.out_channels
+        return reached.sum(dtype=torch.float64) * conv.out_channels
+
+    def _sop_hook(self, conv: nn.Conv2d, inputs) -> None:
+        sops = self._reached(conv, inputs[0].detach())
         self._sops = sops if self._sops is None else self._sops + sops
 
     def _mac_hook(self, conv: nn.Conv2d, inputs, output) -> None:
+        if self._events:  # event frames: only the pixels with events cost anything (module docstring)
+            macs = self._reached(conv, inputs[0].detach() != 0)
+            self._sparse_macs = macs if self._sparse_macs is None else self._sparse_macs + macs
+            return
         self._macs += output.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
 
     def reset(self) -> None:
         if self._spikes is not None:
             self._spikes.zero_()
         self._counts = [0] * len(self.names)
-        self._sops, self._macs = None, 0
+        self._sops, self._macs, self._sparse_macs = None, 0, None
 
     def totals(self) -> tuple[Tensor | None, list[int]]:
         """Spike sums (device tensor, one per layer) and element counts: what ranks all-reduce."""
@@ -103,9 +122,9 @@ class FiringRateMonitor:
         :func:`spike_cost` divides by the images."""
         dense = (spikes * torch.tensor(self._fan_out, device=spikes.device, dtype=spikes.dtype)).sum()
         sops = dense if self._sops is None else self._sops + dense
-        return torch.stack(
-            [spikes.sum(), sops, torch.tensor(float(self._macs), device=spikes.device, dtype=spikes.dtype)]
-        )
+        macs = torch.tensor(float(self._macs), device=spikes.device, dtype=spikes.dtype)
+        macs = macs if self._sparse_macs is None else macs + self._sparse_macs
+        return torch.stack([spikes.sum(), sops, macs])
 
     def rates(self) -> dict[str, float]:
         """``{layer name: firing rate}``; syncs with the device once."""

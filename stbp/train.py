@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointDir, CheckpointError, read_checkpoint
 from .config import BOOKKEEPING_FIELDS, Config, ConfigError, check_global_batch, config_to_dict, flatten_config
-from .data import DeviceDataset, load_dataset
+from .data import FRAME_FIELDS, DeviceDataset, FrameSettings, check_frames, load_dataset
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
-from .model import resnet19, resnet19_options
+from .model import channels_last, resnet19, resnet19_options
 from .monitor import SPIKE_COST
 from .progress import Progress
 from .publishing import Publisher
@@ -166,8 +166,10 @@ class _Trainer:
                 f"{spec.name} has {spec.channels}-channel images of {spec.classes} classes: the model's "
                 f"in_channels {cfg.model.in_channels} and num_classes {cfg.model.num_classes} do not fit"
             )
+        frames = FrameSettings.of(cfg)
+        check_frames(spec.name, frames)  # on every rank, before any file is read
         state = self._resume_state()
-        self.data = self._load_data(spec)
+        self.data = self._load_data(spec, frames if spec.events else None)
         self.steps = self.data.num_train_steps(cfg.run.batch_size, self.env.world_size)  # refuses too few batches
         self._build_model()
         self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
@@ -175,13 +177,13 @@ class _Trainer:
             self._restore(state)
         self.publisher = Publisher(self._open_tracker(), self.out, self.ckpts)
 
-    def _load_data(self, spec) -> DeviceDataset:
+    def _load_data(self, spec, frames: FrameSettings | None) -> DeviceDataset:
         cfg, env = self.cfg, self.env
-        if env.is_primary:  # rank 0 may download; the others wait and then read the files
-            tensors = load_dataset(spec.name, cfg.data.data_dir, download=cfg.data.download)
+        if env.is_primary:  # rank 0 may download (or integrate event frames); the others wait and then read
+            tensors = load_dataset(spec.name, cfg.data.data_dir, download=cfg.data.download, frames=frames)
         barrier(env)
         if not env.is_primary:
-            tensors = load_dataset(spec.name, cfg.data.data_dir, download=False)
+            tensors = load_dataset(spec.name, cfg.data.data_dir, download=False, frames=frames)
         if cfg.data.test_size:
             n = cfg.data.test_size
             tensors = tensors._replace(test_images=tensors.test_images[:n], test_labels=tensors.test_labels[:n])
@@ -274,7 +276,11 @@ class _Trainer:
         )
         self.mlflow_run_id = tracker.run_id
         flat = flatten_config(cfg)
-        tracker.log_params({k: v for k, v in flat.items() if k not in BOOKKEEPING_FIELDS})
+        # The frame settings are parameters of event runs only; their split_hash names the exact train and test
+        # samples, so that only runs on the same split are compared.
+        skip = BOOKKEEPING_FIELDS if self.data.split_hash else (*BOOKKEEPING_FIELDS, *FRAME_FIELDS)
+        params = {k: v for k, v in flat.items() if k not in skip}
+        tracker.log_params({**params, **({"split_hash": self.data.split_hash} if self.data.split_hash else {})})
         tracker.set_tags({k: str(flat[k]) for k in ("output_dir", "data_dir") if flat[k] is not None})
         return tracker
 
@@ -344,7 +350,7 @@ class _Trainer:
             loss, logits = train_step(
                 self.model,
                 self.optimizer,
-                x.contiguous(memory_format=torch.channels_last),
+                channels_last(x),
                 y,
                 self.amp,
                 cfg.optim.grad_clip,
@@ -434,6 +440,7 @@ class _Trainer:
             "images_per_s": sum(m["images_per_s"] for m in self.history) / len(self.history),
             "world_size": self.env.world_size,
             "mlflow_run_id": self.mlflow_run_id,
+            **({"split_hash": self.data.split_hash} if self.data.split_hash else {}),
             **{k: test[k] for k in SPIKE_COST if k in test},  # on the test set
             "firing_rates": rates,
             "output_dir": str(self.out),

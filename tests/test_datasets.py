@@ -75,7 +75,7 @@ def test_each_layout_reads_to_the_images_and_labels_in_its_files(data_root, name
     tensors = load_dataset(name, data_root, download=False)
     spec = DATASETS[name]
     shape = (spec.size, spec.size) if spec.channels == 1 else (3, spec.size, spec.size)
-    for got, expected in zip(tensors, second_reading(data_root, name), strict=True):
+    for got, expected in zip(tensors[:4], second_reading(data_root, name), strict=True):
         assert np.array_equal(got.numpy(), expected)
     assert tensors.train_images.dtype == torch.uint8 and tensors.train_labels.dtype == torch.int64
     assert tuple(tensors.train_images.shape[1:]) == shape
@@ -169,7 +169,8 @@ def test_the_data_set_decides_channels_classes_and_flips_unless_given():
     assert build_config().data.dataset == "mnist"  # the default, unchanged
     with pytest.raises(
         ConfigError,
-        match="data.dataset: input should be 'mnist', 'fashion_mnist', 'cifar10' or 'cifar100', got 'imagenet'",
+        match="data.dataset: input should be 'mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'nmnist', "
+        "'dvs_gesture' or 'cifar10_dvs', got 'imagenet'",
     ):
         build_config(cli=["--dataset", "imagenet"])
     with pytest.raises(ConfigError, match=r"val_size must be in \[1, 50000\)"):

@@ -198,7 +198,7 @@ def test_the_key_changes_with_every_setting_and_the_format_version(data_dir, mon
         keys.add(ev.cache_key(samples, {**base, **change}))
     keys.add(ev.cache_key(samples[:5], base))
     keys.add(ev.cache_key(samples[::-1], base))
-    monkeypatch.setattr(ev, "FORMAT_VERSION", ev.FORMAT_VERSION + 1)
+    monkeypatch.setattr(ev.frames, "FORMAT_VERSION", ev.FORMAT_VERSION + 1)  # where cache_key reads it
     keys.add(ev.cache_key(samples, base))
     assert len(keys) == 8
     nmnist = all_samples("nmnist", data_dir)[:6]
@@ -237,7 +237,7 @@ def test_a_second_call_reads_the_cache(data_dir, tmp_path, monkeypatch):
     def no_integration(*args):
         raise AssertionError("integrated again instead of reading the cache")
 
-    monkeypatch.setattr(ev, "integrate_samples", no_integration)
+    monkeypatch.setattr(ev.frames, "integrate_samples", no_integration)
     again, again_labels = ev.cached_frames(samples, settings, tmp_path / "cache")
     assert torch.equal(again, frames) and torch.equal(again_labels, labels)
     assert path.stat().st_mtime_ns == mtime

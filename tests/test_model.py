@@ -207,3 +207,55 @@ def test_the_model_config_and_the_model_agree_on_every_option_and_default():
     assert set(resnet19_options()) - set(shared) == {"hidden"}  # a layout detail no config sets
     assert set(ModelConfig.__pydantic_fields__) - set(shared) == {"sync_bn"}  # DDP's, not the network's
     assert {n: getattr(config, n) for n in shared} == {n: defaults[n] for n in shared}
+
+
+# ---------------------------------------------------------------- event frames
+
+
+def test_event_frames_run_the_stem_at_every_step_as_by_hand():
+    """``[N, T, 2, H, W]``: the stem convolves each step's frame; the rest is the network as for images."""
+    torch.manual_seed(0)
+    m = resnet19(width=0.0625, timesteps=3, in_channels=2, v_th=0.2).eval()
+    frames = torch.log1p(torch.randint(0, 3, (4, 3, 2, 16, 16)).float())
+    with torch.no_grad():
+        x = torch.cat([m.conv1(frames[:, t]) for t in range(3)])  # [T*N, ...], time-major as the LIFs unfold it
+        x, mask = m.lif1.forward_folded(m.bn1(x), 3, return_mask=True)
+        for stage in m.stages:
+            for block in stage:
+                x, mask = block(x, mask)
+        x = m.lif_fc1.forward_folded(m.fc1(m.pool(x).flatten(1)), 3)
+        by_hand = m.fc2(x).view(3, 4, -1)
+        torch.testing.assert_close(m(frames, per_step=True), by_hand, rtol=0, atol=1e-6)
+        torch.testing.assert_close(m(frames), by_hand.mean(0), rtol=0, atol=1e-6)
+
+
+def test_the_same_frame_at_every_step_is_direct_encoding():
+    torch.manual_seed(0)
+    m = resnet19(width=0.0625, timesteps=2, in_channels=2).eval()
+    image = torch.rand(3, 2, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(m(image.unsqueeze(1).expand(3, 2, 2, 12, 12)), m(image), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"need T = timesteps = 2, got \(3, 4, 2, 12, 12\)"):
+        m(torch.zeros(3, 4, 2, 12, 12))
+
+
+def test_the_stem_on_event_frames_counts_the_macs_of_the_pixels_with_events():
+    """An event-driven stem works only where there are events: C_out MACs for every nonzero input in each window,
+    at every step; the spiking layers' SOPs count as for images."""
+    from stbp.evaluate import evaluate
+
+    torch.manual_seed(0)
+    m = resnet19(width=0.0625, timesteps=2, in_channels=2, v_th=0.2)
+    counts = torch.randint(0, 3, (5, 2, 2, 10, 10)) * (torch.rand(5, 2, 2, 10, 10) < 0.2)
+    frames = torch.log1p(counts.float())
+    result = evaluate(m, [(frames, torch.arange(5))], "val", firing_rates=True)
+    windows = F.unfold((frames != 0).float().flatten(0, 1), 3, padding=1)  # every step's frames, im2col
+    macs = windows.sum().item() * 8  # 8 stem channels at width 0.0625
+    assert 0 < macs < 5 * 2 * 10 * 10 * 8 * 2 * 9  # fewer than a dense stem's
+    sops = result["sops_per_image"] * 5
+    assert result["energy_uj_per_image"] == pytest.approx((0.9 * sops + 4.6 * macs) / 5 * 1e-6, rel=1e-12)
+    images = evaluate(m, [(frames[:, 0], torch.arange(5))], "val", firing_rates=True)  # the same model on images:
+    dense = 5 * 10 * 10 * 8 * 2 * 9  # every MAC of one stem pass
+    assert images["energy_uj_per_image"] == pytest.approx(
+        (0.9 * images["sops_per_image"] * 5 + 4.6 * dense) / 5 * 1e-6, rel=1e-12
+    )

@@ -1,6 +1,8 @@
 """The data sets: :mod:`~stbp.data.files` finds, verifies and downloads their files; :mod:`~stbp.data.loader` holds
-one on the training device and serves shuffled, sharded, augmented batches from it."""
+one on the training device and serves shuffled, sharded, augmented batches from it; :mod:`~stbp.data.event_sets`
+turns the event-camera data sets into frames."""
 
+from .event_sets import FRAME_FIELDS, FrameSettings, check_frames
 from .files import (
     DATA_DIR_ENV,
     DataFormatError,
@@ -15,6 +17,8 @@ from .loader import (
     DeviceDataset,
     augment,
     epoch_indices,
+    event_input,
+    model_input,
     normalize,
     split_train_val,
 )
@@ -29,6 +33,11 @@ __all__ = [
     "DeviceDataset",
     "augment",
     "epoch_indices",
+    "event_input",
+    "model_input",
+    "FRAME_FIELDS",
+    "FrameSettings",
+    "check_frames",
     "load_dataset",
     "normalize",
     "resolve_data_dir",

@@ -5,11 +5,13 @@ torchvision's checked download when missing (failing fast offline), and read int
     FashionMNIST/raw/ (the same four files)                          fashion_mnist
     cifar-10-batches-py/{data_batch_1..5,test_batch}                 cifar10
     cifar-100-python/{train,test}  (fine labels)                     cifar100
+    NMNIST/, DVSGesture/, CIFAR10DVS/ (stbp.events; never downloaded)  nmnist, dvs_gesture, cifar10_dvs
 
 Checksums belong to the downloaded archives (torchvision checks them); the decoded files are checked by structure
 on every load: header, shape, dtype, counts and label range, with an error that names the file and what is wrong.
 CIFAR's files are Python pickles, read by an unpickler that admits only what they hold (dicts, lists, bytes,
-strings, ints and numpy arrays): a pickle that names anything else is refused before it runs.
+strings, ints and numpy arrays): a pickle that names anything else is refused before it runs. The event data sets
+are read by :mod:`stbp.data.event_sets` into frames, through their frame cache.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import torch
 from torch import Tensor
 
 from ..datasets import DATASETS, DatasetSpec
+from ..events import EventDataNotFound, EventFormatError
+from .event_sets import FrameSettings, check_frames, load_event_tensors
 
 __all__ = [
     "DataNotFoundError",
@@ -61,12 +65,14 @@ class DataFormatError(ValueError):
 
 
 class DatasetTensors(NamedTuple):
-    """A whole data set as CPU tensors: uint8 images ``[N, H, W]`` (one channel) or ``[N, C, H, W]``, int64 labels."""
+    """A whole data set as CPU tensors: uint8 images ``[N, H, W]`` (one channel) or ``[N, C, H, W]``, or int16 event
+    frames ``[N, T, 2, H, W]``; int64 labels; for event data the ``split_hash`` of its train and test sample lists."""
 
     train_images: Tensor
     train_labels: Tensor
     test_images: Tensor
     test_labels: Tensor
+    split_hash: str | None = None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
@@ -271,16 +277,31 @@ def _read_split(folder: pathlib.Path, spec: DatasetSpec, split: str) -> tuple[Te
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike | None = None, download: bool = True, *, timeout: float = 10.0
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    *,
+    timeout: float = 10.0,
+    frames: FrameSettings | None = None,
 ) -> DatasetTensors:
     """A whole data set (:data:`stbp.datasets.DATASETS`) as CPU tensors.
 
     Looks under ``data_dir`` (:func:`resolve_data_dir`) in torchvision's layout; if the files are missing and
     ``download`` is true, fetches them with torchvision (failing within about ``timeout`` seconds offline).
     :class:`DataNotFoundError` names every place looked in; :class:`DataFormatError` names a malformed file.
+    An event data set needs ``frames`` (checked first, :func:`~stbp.data.event_sets.check_frames`) and is never
+    downloaded: its official files must be under ``data_dir`` (:mod:`stbp.events`).
     """
     spec = DATASETS[name]
+    check_frames(name, frames)
     root = resolve_data_dir(data_dir)
+    if spec.events:
+        try:
+            return DatasetTensors(*load_event_tensors(spec, root, frames))
+        except EventFormatError as e:
+            raise DataFormatError(str(e)) from e
+        except EventDataNotFound as e:
+            raise DataNotFoundError(str(e)) from e
     looked = _candidate_roots(root, spec)
     found = next((r for r in looked if _has_files(r, spec)), None)
     if found is None:

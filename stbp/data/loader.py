@@ -5,6 +5,9 @@ per-batch operation (indexing, random crop, flip, normalisation) is a handful of
 There is no DataLoader, no worker process, no per-sample Python and no host synchronisation (``.item()``,
 ``.tolist()``, ``.cpu()``) in the per-batch path. Index permutations are drawn once per epoch on the CPU
 (so they are identical on every rank and on every kind of device) and copied to the device in one go.
+
+Event data (int16 frames of event counts ``[N, T, 2, H, W]``) is held and served the same way: a crop and a flip
+move every frame and polarity of a sample alike, and :func:`event_input` turns counts into the model's input.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ __all__ = [
     "epoch_indices",
     "normalize",
     "augment",
+    "event_input",
+    "model_input",
     "DeviceDataset",
 ]
 
@@ -132,6 +137,11 @@ def augment(
     if padding == 0 and not hflip:
         return normalize(images, mean, std)
     images = images.unsqueeze(1) if images.dim() == 3 else images
+    return normalize(_crop_flip(images, padding, hflip, generator), mean, std)
+
+
+def _crop_flip(images: Tensor, padding: int, hflip: bool, generator: torch.Generator) -> Tensor:
+    """:func:`augment`'s crop and flip of ``[B, C, H, W]``, in the input's dtype (0 where the crop shows padding)."""
     b, c, h, w = images.shape
     dev = images.device
     gdev = generator.device
@@ -153,8 +163,27 @@ def augment(
         cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=dev)[:, None, None, None]
     channel = torch.arange(c, device=dev)[None, :, None, None]
-    out = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # [B, C, H, W]
-    return normalize(out, mean, std)
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]  # [B, C, H, W]
+
+
+def event_input(frames: Tensor, padding: int = 0, hflip: bool = False, generator: torch.Generator | None = None):
+    """Event frames ``[B, T, 2, H, W]`` of counts -> float32 ``log(1 + count)`` (zero stays zero; a hot pixel's
+    hundreds of events do not swamp the rest; :mod:`stbp.datasets`), after :func:`augment`'s random crop and flip
+    when ``padding`` or ``hflip`` (drawn from ``generator`` as there): one offset and coin per sample, for all of
+    its frames and polarities."""
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if padding > 0 or hflip:
+        b, t, c, h, w = frames.shape
+        frames = _crop_flip(frames.reshape(b, t * c, h, w), padding, hflip, generator).view(b, t, c, h, w)
+    return torch.log1p(frames.to(torch.float32))
+
+
+def model_input(batch: Tensor, spec: DatasetSpec, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+    """A batch of stored samples (uint8 images or event frames) as the model's input, un-augmented."""
+    if spec.events:
+        return event_input(batch)
+    return normalize(batch, spec.mean if mean is None else mean, spec.std if std is None else std)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,8 +192,8 @@ def augment(
 
 
 class DeviceDataset:
-    """Train / val / test images (uint8) and labels (int64) of a data set (``spec``; MNIST by default), resident on
-    ``device``.
+    """Train / val / test images (uint8) or event frames (int16) and labels (int64) of a data set (``spec``; MNIST by
+    default), resident on ``device``.
 
     ``val`` is carved out of the official training images with :func:`split_train_val` (``seed``);
     ``train_size > 0`` keeps only the first ``train_size`` of the remaining train split.
@@ -185,6 +214,7 @@ class DeviceDataset:
         shape = (1, len(spec.mean), 1, 1)
         self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(shape)
+        self.split_hash = getattr(tensors, "split_hash", None)  # event data: names its train and test samples
         n_all = tensors.train_images.shape[0]
         train_idx, val_idx = split_train_val(n_all, val_size, seed)
         if train_size < 0:
@@ -230,7 +260,8 @@ class DeviceDataset:
         hflip: bool = False,
         seed: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x [b, C, H, W] float32, y [b] int64)`` on the device, ``b = global_batch // world_size``.
+        """Yield ``(x [b, C, H, W] float32, y [b] int64)`` on the device, ``b = global_batch // world_size`` (event
+        data: ``x [b, T, 2, H, W]``, :func:`event_input`).
 
         Order from :func:`epoch_indices` ``(seed, epoch)``; augmentation from a device generator reseeded
         for every step from ``(seed, epoch, rank, step)``, so the batches depend only on those numbers and a run
@@ -245,6 +276,9 @@ class DeviceDataset:
             labels = self.train_labels[pos]
             if gen is not None:
                 gen.manual_seed(_mix_seed(seed, epoch, rank, step, 0xA06))
+            if self.spec.events:
+                x = event_input(imgs, padding, hflip, gen)
+            elif gen is not None:
                 x = augment(imgs, padding, hflip, gen, self.mean, self.std)
             else:
                 x = normalize(imgs, self.mean, self.std)
@@ -284,4 +318,4 @@ class DeviceDataset:
         start, stop = self.eval_range(split, world_size, rank)
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
-            yield normalize(images[lo:hi], self.mean, self.std), labels[lo:hi]
+            yield model_input(images[lo:hi], self.spec, self.mean, self.std), labels[lo:hi]

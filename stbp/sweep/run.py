@@ -169,11 +169,14 @@ def _check_local_resources(res: Resources) -> None:
 
 
 def _check_data(train) -> None:
-    """MNIST where the trials will look, fetched here once if allowed (not by every trial at once)."""
-    from ..data import DataFormatError, DataNotFoundError, load_dataset
+    """The data set where the trials will look, fetched here once if allowed (not by every trial at once); event
+    data integrated here into its frame cache, for the base config's frame settings."""
+    from ..data import DataFormatError, DataNotFoundError, FrameSettings, load_dataset
+    from ..datasets import DATASETS
 
+    frames = FrameSettings.of(train) if DATASETS[train.data.dataset].events else None
     try:
-        load_dataset(train.data.dataset, train.data.data_dir, download=train.data.download)
+        load_dataset(train.data.dataset, train.data.data_dir, download=train.data.download, frames=frames)
     except DataNotFoundError as exc:
         raise SweepError(f"the trials would find no {train.data.dataset.upper().replace('_', '-')}: {exc}") from None
     except DataFormatError as exc:
