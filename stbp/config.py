@@ -205,17 +205,6 @@ BOOKKEEPING_FIELDS = tuple(
 )
 
 
-def field_names() -> list[str]:
-    """All field names, sorted (``preset`` is not one)."""
-    return sorted(SECTION_OF)
-
-
-def check_global_batch(batch_size: int, parts: int, what: str = "the number of ranks") -> None:
-    """A global batch is split evenly: refuse one that ``parts`` (ranks, Ray Train workers) do not divide."""
-    if parts < 1 or batch_size % parts:
-        raise ConfigError(f"run.batch_size must be divisible by {what} ({parts}), got {batch_size}")
-
-
 def flatten(data: Any, where: str = "") -> dict[str, Any]:
     """``{field: value}`` (and ``preset``) of a mapping whose keys are fields, or sections of fields."""
     if not isinstance(data, Mapping):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointDir, CheckpointError, read_checkpoint
-from .config import BOOKKEEPING_FIELDS, Config, ConfigError, check_global_batch, config_to_dict, flatten_config
+from .config import BOOKKEEPING_FIELDS, Config, ConfigError, config_to_dict, flatten_config
 from .data import FRAME_FIELDS, DeviceDataset, FrameSettings, check_frames, load_dataset
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
@@ -159,7 +159,10 @@ class _Trainer:
     # ---- set-up: everything that can refuse happens before the first step ----------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        check_global_batch(cfg.run.batch_size, self.env.world_size)
+        if cfg.run.batch_size % self.env.world_size:  # the global batch is split evenly over the ranks
+            raise ConfigError(
+                f"run.batch_size ({cfg.run.batch_size}) is not divisible by the {self.env.world_size} ranks"
+            )
         spec = DATASETS[cfg.data.dataset]
         if cfg.model.in_channels != spec.channels or cfg.model.num_classes < spec.classes:
             raise ConfigError(

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from stbp.config import PRESETS, build_config, config_to_dict, field_names
+from stbp.config import FIELDS, PRESETS, build_config, config_to_dict
 from stbp.schema import SCHEMA_FILES, sweep_schema, train_schema
 from stbp.sweep import SweepError, load_sweep
 from stbp.sweep.spec import TRIAL_OWNED_FIELDS
@@ -110,7 +110,7 @@ def test_help_lists_every_field_with_its_doc_and_default(script, excluded):
     run = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     text = " ".join(run.stdout.split())  # argparse wraps the help text
-    for name in set(field_names()) - {"resume", "tracking_uri"}:  # tune.py's own options have these names
+    for name in set(FIELDS) - {"resume", "tracking_uri"}:  # tune.py's own options have these names
         assert (f"--{name} " in text) != (name in excluded), name
     assert "--v_th VALUE, --model.v_th VALUE LIF firing threshold. (default: 0.4)" in text
     assert "--hflip [true|false], --data.hflip [true|false] Random horizontal flips." in text

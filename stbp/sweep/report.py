@@ -45,7 +45,7 @@ def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path, front: Sequenc
             [
                 "rank",
                 "point",
-                *sweep.param_names,
+                *sweep.space,
                 *(n.replace("/", "_over_") for n in derived_names),
                 f"best_{sweep.metrics[0]}",
                 f"best_{sweep.metrics[0]}_std",
@@ -64,7 +64,7 @@ def write_csv(rows: Sequence[TrialRow], sweep: Sweep, path: Path, front: Sequenc
                 [
                     rank,
                     r.trial_id,
-                    *(r.params[n] for n in sweep.param_names),
+                    *(r.params[n] for n in sweep.space),
                     *(extra.get(n, "") for n in derived_names),
                     "" if r.value is None else r.value,
                     r.std.get(sweep.metrics[0], 0.0),
@@ -168,7 +168,7 @@ def _value(row: TrialRow, sweep: Sweep) -> str:
 def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRow] = ()) -> str:
     """The ranked trials as a plain-text table: searched values, aa/v_th, the best metric, the synaptic operations
     per image of the last epoch and, in a multi-objective sweep, every metric and the Pareto-optimal ones."""
-    names = sweep.param_names
+    names = list(sweep.space)
     derived_names = list(derived(rows[0].params)) if rows else []
     others = list(sweep.metrics[1:])
     cost = [] if "sops_per_image" in others else ["sops_per_image"]

@@ -26,7 +26,6 @@ from ..config import (
     NonEmpty,
     apply_overrides,
     build_config,
-    check_global_batch,
     flatten,
 )
 from ..monitor import SPIKE_COST
@@ -227,7 +226,8 @@ class Sweep:
         self._check_objectives()
         self._check_scheduler()
         object.__setattr__(self, "search", dataclasses.replace(self.search, points_to_evaluate=self._points()))
-        check_global_batch(self.train.run.batch_size, self.resources.workers, "resources.workers")
+        if (batch := self.train.run.batch_size) % (workers := self.resources.workers):  # split over the workers
+            raise ValueError(f"train.batch_size ({batch}) is not divisible by resources.workers ({workers})")
         if self.mlflow.registered_model:
             name = self.mlflow.registered_model.replace("{name}", self.name)
             object.__setattr__(self, "mlflow", dataclasses.replace(self.mlflow, registered_model=name))
@@ -294,10 +294,6 @@ class Sweep:
     @property
     def max_t(self) -> int:
         return self.scheduler.max_t or self.train.run.epochs
-
-    @property
-    def param_names(self) -> list[str]:
-        return list(self.space)
 
     @property
     def metrics(self) -> tuple[str, ...]:
