@@ -657,7 +657,7 @@ def test_rows_rank_trials_by_their_best_metric_over_epochs(record, sweep):
     table = format_table(rows, sweep)
     assert table.splitlines()[0].split() == [
         "rank",
-        "trial",
+        "point",
         "v_th",
         "aa",
         "aa/v_th",  # the derived coordinate

@@ -188,8 +188,8 @@ def _close(record: SweepRecord, trial, status: str, tags: dict[str, str], create
     if run is None and create:  # it failed before it could open its run: the record still shows it
         params = {k: v for k, v in trial.config.items() if not k.startswith("__")}  # the searcher's bookkeeping
         point, replicate = trial.config.get("__point__"), trial.config.get("__trial_index__", 0)
-        tags = {POINT_TAG: f"{point:02d}", REPLICATE_TAG: str(replicate)} if point else {}
-        run_id = child_run(record, trial.trial_id, str(trial), params, tags)
+        labels = {POINT_TAG: f"{point:02d}", REPLICATE_TAG: str(replicate)} if isinstance(point, int) else {}
+        run_id = child_run(record, trial.trial_id, str(trial), params, labels)
     elif run is None or run.info.status != "RUNNING":
         return  # never started, or closed already (train() marks its own success FINISHED)
     else:
