@@ -2,6 +2,7 @@
 
     model = mlflow.pytorch.load_model("models:/stbp-smoke/latest")   # a module, already in eval mode
     logits = model(images)   # [N, C, H, W] float32, normalised with the data set's mean/std (see the version)
+    logits = model(frames)   # event data: [N, T, 2, H, W] float32 log(1 + event count) frames (see the version)
 
 (torch's exported programs raise NotImplementedError on ``.eval()`` and ``.train()``; the formats that would allow
 them, TorchScript and a pickled module, need ``torch.load(weights_only=False)``.)
@@ -20,6 +21,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .datasets import DATASETS
+from .events import SENSORS
 
 __all__ = ["register_checkpoint"]
 
@@ -34,8 +36,7 @@ def register_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str, run_id
 
     model, cfg = load_checkpoint(checkpoint, map_location="cpu")
     model.eval()
-    spec = DATASETS[cfg.data.dataset]
-    example = torch.zeros(2, spec.channels, spec.size, spec.size)
+    example = torch.zeros(2, *input_shape(cfg))
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
     previous = mlflow.get_tracking_uri()
@@ -60,12 +61,36 @@ def register_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str, run_id
     client.update_model_version(
         name,
         version,
-        description=(
-            f"Spiking ResNet-19 (STBP, tdBN) on {spec.name}: v_th {cfg.model.v_th:g}, aa {cfg.model.aa:g}, "
-            f"T {cfg.model.timesteps}, width {cfg.model.width:g}. "
-            f"Input: [N, {spec.channels}, {spec.size}, {spec.size}] "
-            f"float32 images scaled to [0, 1], then normalised with mean {list(spec.mean)} and std {list(spec.std)}. "
-            f"Output: [N, {cfg.model.num_classes}] logits."
-        ),
+        description=describe(cfg, input_shape(cfg)),
     )
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}
+
+
+def input_shape(cfg: Any) -> tuple[int, ...]:
+    """One sample's shape as the model takes it: ``(C, H, W)`` images, ``(T, 2, H, W)`` event frames."""
+    spec = DATASETS[cfg.data.dataset]
+    if not spec.events:
+        return (spec.channels, spec.size, spec.size)
+    size = cfg.data.frame_size
+    height, width = SENSORS[spec.name] if size is None else (size, size)
+    return (cfg.model.timesteps, spec.channels, height, width)
+
+
+def describe(cfg: Any, shape: tuple[int, ...]) -> str:
+    """The model version's description: what it is, and the input it expects, exactly."""
+    spec, m = DATASETS[cfg.data.dataset], cfg.model
+    dims = ", ".join(str(d) for d in shape)
+    if spec.events:
+        inputs = (
+            f"Input: [N, {dims}] float32: {shape[0]} frames a sample (events split by {cfg.data.frame_split}), "
+            f"channel 0 the OFF and 1 the ON events of each pixel, a count c given as log(1 + c); no mean or std."
+        )
+    else:
+        inputs = (
+            f"Input: [N, {dims}] float32 images scaled to [0, 1], then normalised with mean {list(spec.mean)} "
+            f"and std {list(spec.std)}."
+        )
+    return (
+        f"Spiking ResNet-19 (STBP, tdBN) on {spec.name}: v_th {m.v_th:g}, aa {m.aa:g}, T {m.timesteps}, "
+        f"width {m.width:g}. {inputs} Output: [N, {m.num_classes}] logits."
+    )

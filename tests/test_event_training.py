@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from stbp.checkpoint import load_checkpoint
 from stbp.config import ConfigError, build_config
 from stbp.data import DataFormatError, DataNotFoundError, DeviceDataset, FrameSettings, event_input, load_dataset
 from stbp.datasets import DATASETS
@@ -104,6 +105,41 @@ def test_the_evaluate_command_scores_an_event_checkpoint(event_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"test accuracy {summary['test_acc']:.2f}%" in proc.stdout
     assert f"(split {summary['split_hash']})" in proc.stdout and "synaptic operations" in proc.stdout
+
+
+def test_a_registered_event_model_takes_frames_and_scores_like_best_pt(event_root, tmp_path):
+    """The Model Registry's copy of an event model takes [N, T, 2, H, W] log-count frames, loads without this
+    package, and gives best.pt's logits; its description says so."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    changes = dict(epochs=1, mlflow=True, tracking_uri=uri, register_model="stbp-gesture")
+    summary = train(event_config(event_root, tmp_path, "dvs_gesture", **changes))
+    assert summary["registered_model"] == "models:/stbp-gesture/1"
+    data = load_dataset("dvs_gesture", event_root, frames=FrameSettings(timesteps=2, size=32))
+    frames = event_input(data.test_images[:6])
+    model, _ = load_checkpoint(Path(summary["output_dir"]) / "checkpoints" / "best.pt")
+    with torch.no_grad():
+        expected = model.eval()(frames)
+    torch.save(frames, tmp_path / "frames.pt")
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "stbp":
+            raise ImportError("stbp is not available here")
+sys.meta_path.insert(0, Block())
+import mlflow, mlflow.pytorch, torch
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pytorch.load_model("models:/stbp-gesture/1")
+with torch.no_grad():
+    torch.save(model(torch.load("frames.pt")), "logits.pt")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
+    description = MlflowClient(uri).get_model_version("stbp-gesture", "1").description
+    assert "Input: [N, 2, 2, 32, 32] float32" in description and "log(1 + c)" in description
 
 
 def test_the_frame_settings_and_the_split_hash_are_mlflow_params(event_root, tmp_path):
