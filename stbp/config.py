@@ -54,6 +54,14 @@ class ModelConfig:
     """Synchronise tdBN statistics across DDP ranks."""
     fast_lif: Bool = True
     """Use the fused/fast LIF implementation."""
+    learn_tau: Bool = False
+    """Learn each spiking layer's tau (PLIF: tau = sigmoid(w), starting at tau; needs tau < 1)."""
+    learn_v_th: Bool = False
+    """Learn the thresholds (v_th = exp(q), starting at v_th); tdBN's target alpha*v_th follows them."""
+    v_th_granularity: Literal["layer", "channel"] = "layer"
+    """learn_v_th: one threshold per spiking layer, or one per channel."""
+    aa_mode: Literal["fixed", "relative"] = "fixed"
+    """learn_v_th: 'fixed' keeps the surrogate half-width aa; 'relative' scales it with the learned threshold."""
 
 
 @section
@@ -123,6 +131,10 @@ class OptimConfig:
     """Label smoothing of the training cross-entropy (0 = off); validation and test losses stay plain."""
     ema_decay: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     """Decay of an EMA of the weights that validation, test and best.pt use (0 = off; e.g. 0.999)."""
+    rate_weight: Annotated[Float, Field(ge=0)] = 0.0
+    """Firing-rate penalty: rate_weight * sum over spiking layers of (mean rate - rate_target)^2 (0 = off)."""
+    rate_target: Annotated[Float, Field(ge=0, le=1)] = 0.1
+    """Firing-rate penalty: the target mean rate (spikes per neuron per step)."""
 
 
 @section
@@ -191,6 +203,8 @@ class Config:
         split = DATASETS[self.data.dataset].train_size
         if not 1 <= self.data.val_size < split:
             raise ValueError(f"data.val_size must be in [1, {split}) for {self.data.dataset}, got {self.data.val_size}")
+        if self.model.learn_tau and not self.model.tau < 1:
+            raise ValueError(f"model.tau must be < 1 with learn_tau (tau = sigmoid(w)), got {self.model.tau}")
 
 
 SECTIONS = types.MappingProxyType({f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "preset"})

@@ -26,6 +26,7 @@ from .config import ConfigError
 from .data import DataFormatError, DataNotFoundError, FrameSettings, load_dataset, model_input
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum
+from .learned import learned_neurons
 from .model import channels_last
 from .monitor import FiringRateMonitor, firing_rate_chart, spike_cost
 
@@ -81,7 +82,8 @@ def evaluate(
 def evaluate_checkpoint(
     path, data_dir=None, batch_size: int = 1000, device: str = "cpu", limit: int | None = None
 ) -> dict[str, Any]:
-    """Test accuracy, loss and per-layer firing rates of a checkpoint (``limit``: first N test images only)."""
+    """Test accuracy, loss and per-layer firing rates of a checkpoint (``limit``: first N test images only), and its
+    learned neuron parameters (``learned_neurons``, :func:`stbp.learned.learned_neurons`) when it has any."""
     model, cfg = load_checkpoint(path, map_location=device)
     model = model.to(device, memory_format=torch.channels_last)
     spec = DATASETS[cfg.data.dataset]  # the checkpoint says which data set it was trained on (and its frames)
@@ -94,7 +96,8 @@ def evaluate_checkpoint(
     result = evaluate(model, batches, "test", firing_rates=True)
     rates = {k.removeprefix("firing_rate/"): v for k, v in result.items() if k.startswith("firing_rate/")}
     split = {"split_hash": data.split_hash} if data.split_hash else {}
-    return {**{k: v for k, v in result.items() if "/" not in k}, **split, "firing_rates": rates}
+    learned = {"learned_neurons": values} if (values := learned_neurons(model)) else {}
+    return {**{k: v for k, v in result.items() if "/" not in k}, **split, "firing_rates": rates, **learned}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(n) for n in result["firing_rates"])
     for name, rate in result["firing_rates"].items():
         print(f"  {name:<{width}}  {rate:.4f}  {'#' * round(rate * 100)}")
+    if learned := result.get("learned_neurons"):
+        print("learned neurons per spiking layer (v_th: mean over channels [min, max] where per channel):")
+        for name, v in learned.items():
+            spread = f" [{v['v_th_min']:.4f}, {v['v_th_max']:.4f}]" if "v_th_min" in v else ""
+            print(f"  {name:<{width}}  v_th {v['v_th']:.4f}{spread}  tau {v['tau']:.4f}")
     chart = Path(args.chart) if args.chart else Path(args.checkpoint).with_suffix(".firing_rates.png")
     if firing_rate_chart(result["firing_rates"], chart) is not None:
         print(f"chart: {chart}")

@@ -6,6 +6,9 @@ folded into the batch; each LIF unfolds it to ``[T, N, ...]`` by a view.
 The logits ``[N, num_classes]`` are the mean over time of the last linear layer (``readout="mean"``), or
 the firing rate of a spiking output layer (``readout="spikes"``, the reference's behaviour, whose logits at T=2
 can only be 0, 0.5 or 1).
+
+Learned neurons (``learn_tau``, ``learn_v_th``; :mod:`stbp.neuron`): every LIF layer has its own, and each tdBN is
+normalised to the learned threshold of the LIF layer it drives.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ def channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def _target(lif: LIF) -> Tensor | None:
+    """The learned threshold that a tdBN driving ``lif`` normalises to (None: its own fixed v_th)."""
+    v_th = lif.threshold()
+    return v_th if isinstance(v_th, Tensor) else None
+
+
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
@@ -50,7 +59,7 @@ class BasicBlock(nn.Module):
         self.timesteps = timesteps
         self.conv1 = _spike_conv3x3(cin, cout, stride)
         self.bn1 = TdBN(cout, v_th=v_th)
-        self.lif1 = LIF(**neuron)
+        self.lif1 = LIF(**neuron, channels=cout)
         self.conv2 = _spike_conv3x3(cout, cout)
         self.bn2 = TdBN(cout, v_th=v_th, alpha=RESIDUAL_ALPHA)
         self.shortcut = nn.Identity()
@@ -59,20 +68,31 @@ class BasicBlock(nn.Module):
                 SpikeConv2d(cin, cout, 1, stride=stride),
                 TdBN(cout, v_th=v_th, alpha=RESIDUAL_ALPHA),
             )
-        self.lif2 = LIF(**neuron)
+        self.lif2 = LIF(**neuron, channels=cout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, rates: list[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """``[T*N, C, H, W]`` spikes (and their bool ``mask`` from the LIF that fired them, if it kept one) ->
         ``[T*N, C', H', W']`` spikes and their mask. The masks let each convolution save the LIF's own bool copy
-        of its input rather than a second one."""
-        out, out_mask = self.lif1.forward_folded(self.bn1(self.conv1(x, mask)), self.timesteps, return_mask=True)
-        out = self.bn2(self.conv2(out, out_mask))
+        of its input rather than a second one. ``rates``: a list the two LIF layers' mean firing rates are added to
+        (differentiable, on the device)."""
+        out, out_mask = self.lif1.forward_folded(
+            self.bn1(self.conv1(x, mask), _target(self.lif1)), self.timesteps, return_mask=True
+        )
+        if rates is not None:
+            rates.append(out.mean(dtype=torch.float32))
+        target = _target(self.lif2)
+        out = self.bn2(self.conv2(out, out_mask), target)
         if isinstance(self.shortcut, nn.Identity):
             out = out + x
         else:
             conv, bn = self.shortcut
-            out = out + bn(conv(x, mask))
-        return self.lif2.forward_folded(out, self.timesteps, return_mask=True)
+            out = out + bn(conv(x, mask), target)
+        out, out_mask = self.lif2.forward_folded(out, self.timesteps, return_mask=True)
+        if rates is not None:
+            rates.append(out.mean(dtype=torch.float32))
+        return out, out_mask
 
 
 class SpikingResNet(nn.Module):
@@ -91,18 +111,23 @@ class SpikingResNet(nn.Module):
         tau: float = 0.25,
         readout: str = "mean",
         fast_lif: bool = True,
+        learn_tau: bool = False,
+        learn_v_th: bool = False,
+        v_th_granularity: str = "layer",
+        aa_mode: str = "fixed",
     ):
         super().__init__()
         if readout not in ("mean", "spikes"):
             raise ValueError(f"readout must be 'mean' or 'spikes', got {readout!r}")
         if timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-        neuron = dict(v_th=v_th, aa=aa, tau=tau, fast=fast_lif)
+        neuron = dict(v_th=v_th, aa=aa, tau=tau, fast=fast_lif, learn_tau=learn_tau, learn_v_th=learn_v_th)
+        neuron.update(v_th_granularity=v_th_granularity, aa_mode=aa_mode)
         self.timesteps = timesteps
         self.readout = readout
         self.conv1 = _conv3x3(in_channels, stem_channels)
         self.bn1 = TdBN(stem_channels, v_th=v_th)
-        self.lif1 = LIF(**neuron)
+        self.lif1 = LIF(**neuron, channels=stem_channels)
         cin = stem_channels
         self.stages = nn.ModuleList()
         for cout, blocks, stride in stages:
@@ -113,9 +138,9 @@ class SpikingResNet(nn.Module):
             self.stages.append(nn.Sequential(*layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(cin, hidden)
-        self.lif_fc1 = LIF(**neuron)
+        self.lif_fc1 = LIF(**neuron, channels=hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
-        self.lif_out = LIF(**neuron) if readout == "spikes" else None
+        self.lif_out = LIF(**neuron, channels=num_classes) if readout == "spikes" else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -133,21 +158,31 @@ class SpikingResNet(nn.Module):
         name = next(n for n, m in self.named_modules() if m is last)
         return {name: self.fc1.out_features, "lif_fc1": self.fc2.out_features}
 
-    def forward(self, images: Tensor, per_step: bool = False) -> Tensor:
+    def forward(self, images: Tensor, per_step: bool = False, rates: bool = False):
         """Images ``[N, C, H, W]`` or event frames ``[N, T, C, H, W]`` -> ``[N, num_classes]``, the time-mean output;
-        ``per_step``: ``[T, N, num_classes]``, the output at every time step (what TET's loss reads)."""
+        ``per_step``: ``[T, N, num_classes]``, the output at every time step (what TET's loss reads). ``rates``:
+        ``(output, rates)``, with the mean firing rate of every spiking layer ``[L]`` (differentiable, fp32: what a
+        firing-rate penalty reads)."""
         steps, n = self.timesteps, images.shape[0]
+        seen: list[Tensor] | None = [] if rates else None
         x = self._stem(images)
-        x, mask = self.lif1.forward_folded(self.bn1(x), steps, return_mask=True)
+        x, mask = self.lif1.forward_folded(self.bn1(x, _target(self.lif1)), steps, return_mask=True)
+        if seen is not None:
+            seen.append(x.mean(dtype=torch.float32))
         for stage in self.stages:
             for block in stage:
-                x, mask = block(x, mask)
+                x, mask = block(x, mask, seen)
         x = self.pool(x).flatten(1)  # [T*N, C]
         x = self.lif_fc1.forward_folded(self.fc1(x), steps)
+        if seen is not None:
+            seen.append(x.mean(dtype=torch.float32))
         x = self.fc2(x).view(steps, n, -1)  # [T, N, classes]
         if self.lif_out is not None:
             x = self.lif_out(x)
-        return x if per_step else x.mean(0)
+            if seen is not None:
+                seen.append(x.mean(dtype=torch.float32))
+        x = x if per_step else x.mean(0)
+        return (x, torch.stack(seen)) if rates else x
 
     def _stem(self, images: Tensor) -> Tensor:
         """The stem convolution's output at every step, ``[T*N, C, H, W]`` (time-major, as the LIFs unfold it)."""

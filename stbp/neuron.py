@@ -11,14 +11,28 @@ Dynamics (Wu et al. 2018, STBP; Zheng et al. 2021, tdBN):
 
 The reference implementation centred the surrogate window at 0; here it is centred at the threshold, where the
 Heaviside step actually is. Gradients flow through the reset term ``(1 - o_{t-1})`` (it is not detached).
+
+Learned neurons (each off by default; off, the arithmetic is the fixed neuron's, bit for bit):
+
+- ``learn_tau``: PLIF (Fang et al. 2021): ``tau = sigmoid(w)`` per layer, ``w`` trained, so tau stays in (0, 1).
+  ``dL/dtau = sum_t dL/du_{t+1} * (1 - o_t) * u_t``.
+- ``learn_v_th``: ``v_th = exp(q)`` per layer or per channel, ``q`` trained, so v_th stays positive.
+  ``dL/dv_th = -sum_t s_t * dL/do_t`` (the surrogate of ``H(u - v_th)`` in ``v_th``). With ``aa_mode='relative'``
+  the window's half-width follows the threshold, ``aa * v_th / v_th_init`` (the threshold-robust surrogate:
+  the window keeps its place relative to the threshold as the threshold moves); ``'fixed'`` keeps ``aa``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["spike", "SpikeFunction", "lif_reference", "lif_fused", "LIF"]
+
+#: A neuron parameter: a Python float (fixed), or a tensor (learned; v_th a scalar or broadcast over x[t]).
+Param = float | Tensor
 
 
 class SpikeFunction(torch.autograd.Function):
@@ -29,25 +43,30 @@ class SpikeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, v_th: float, aa: float) -> Tensor:
+    def forward(ctx, u: Tensor, v_th: Param, aa: Param) -> Tensor:
         mask = (u - v_th).abs() < aa
         ctx.save_for_backward(mask)
         ctx.aa = aa
+        ctx.v_th_shape = v_th.shape if isinstance(v_th, Tensor) else None
         return (u > v_th).to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (mask,) = ctx.saved_tensors
-        return grad_out * mask.to(grad_out.dtype) * (0.5 / ctx.aa), None, None
+        grad_u = grad_out * mask.to(grad_out.dtype) * (0.5 / ctx.aa)
+        # H(u - v_th): the threshold's surrogate gradient is minus the membrane's, summed to its shape
+        grad_v_th = -grad_u.sum_to_size(ctx.v_th_shape) if ctx.needs_input_grad[1] else None
+        return grad_u, grad_v_th, None
 
 
-def spike(u: Tensor, v_th: float = 0.4, aa: float = 0.5) -> Tensor:
+def spike(u: Tensor, v_th: Param = 0.4, aa: Param = 0.5) -> Tensor:
     """Spikes ``(u > v_th)`` as ``u.dtype``, with the rectangular surrogate gradient (see :class:`SpikeFunction`)."""
     return SpikeFunction.apply(u, v_th, aa)
 
 
-def lif_reference(x: Tensor, v_th: float, aa: float, tau: float, return_membrane: bool = False):
+def lif_reference(x: Tensor, v_th: Param, aa: Param, tau: Param, return_membrane: bool = False):
     """The LIF recurrence as a plain loop over time with autograd through every op: the oracle for the fast path.
+    Learned parameters (tensors ``v_th``, ``tau``) get their gradients from autograd.
 
     With ``return_membrane=True`` returns ``(spikes, membrane)``, both ``[T, N, ...]``.
     """
@@ -80,14 +99,15 @@ class _LIFFunction(torch.autograd.Function):
         dL/do_t = g_t - tau * u_t * dL/du_{t+1}
         dL/du_t = s_t * dL/do_t + tau * (1 - o_t) * dL/du_{t+1}
         dL/dx_t = dL/du_t
+        dL/dv_th = -sum_t s_t * dL/do_t,   dL/dtau = sum_t dL/du_{t+1} * (1 - o_t) * u_t   (when learned)
 
-    Every product is taken in the order autograd takes it for :func:`lif_reference`, so forward and gradients
-    agree with it to the last bit. Masks are used as 0/1 floats (no masked_fill, no bool arithmetic: both are
-    slow on CPU).
+    Every product is taken in the order autograd takes it for :func:`lif_reference`, so forward and the input's
+    gradient agree with it to the last bit. Masks are used as 0/1 floats (no masked_fill, no bool arithmetic: both
+    are slow on CPU). ``v_th``, ``aa`` and ``tau`` are floats, or tensors when learned (:data:`Param`).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, v_th: float, aa: float, tau: float) -> Tensor:
+    def forward(ctx, x: Tensor, v_th: Param, aa: Param, tau: Param) -> Tensor:
         steps = x.shape[0]
         # The membrane is integrated in fp32 even under autocast; spikes are exact in any dtype.
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -106,18 +126,19 @@ class _LIFFunction(torch.autograd.Function):
             if t < steps - 1:
                 membranes.append(u)
         ctx.save_for_backward(spikes, window, *membranes)
-        ctx.params = (aa, tau)
+        ctx.params = (aa, tau, v_th.shape if isinstance(v_th, Tensor) else None)
         ctx.mark_non_differentiable(spikes)
         return out, spikes  # the bool spikes too: a SpikeConv2d after this layer saves them, not a copy
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_spikes: Tensor | None = None):
         spikes, window, *membranes = ctx.saved_tensors
-        aa, tau = ctx.params
+        aa, tau, v_th_shape = ctx.params
+        learn_v_th, learn_tau = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         dtype = torch.promote_types(grad_out.dtype, torch.float32)
         grad_x = torch.empty_like(grad_out)
         in_place = grad_x.dtype == dtype  # then each step's gradient is written straight into grad_x
-        grad_u_next = None
+        grad_u_next = grad_v_th = grad_tau = None
         for t in range(grad_out.shape[0] - 1, -1, -1):
             g = grad_out[t].to(dtype)
             # dL/do_t = g_t - (tau * u_t) * dL/du_{t+1}
@@ -125,15 +146,24 @@ class _LIFFunction(torch.autograd.Function):
             # dL/du_t = s_t * dL/do_t + tau * (1 - o_t) * dL/du_{t+1}
             grad_u = torch.mul(grad_o, _as_float(window[t], dtype), out=grad_x[t] if in_place else None)
             grad_u.mul_(0.5 / aa)
+            if learn_v_th:
+                step = grad_u.sum_to_size(v_th_shape)
+                grad_v_th = -step if grad_v_th is None else grad_v_th - step
             if grad_u_next is not None:
-                grad_u.add_(torch.mul(grad_u_next, 1 - _as_float(spikes[t], dtype)).mul_(tau))
+                keep = torch.mul(grad_u_next, 1 - _as_float(spikes[t], dtype))
+                if learn_tau:
+                    step = (keep * membranes[t]).sum()
+                    grad_tau = step if grad_tau is None else grad_tau + step
+                grad_u.add_(keep.mul_(tau))
             if not in_place:
                 grad_x[t] = grad_u
             grad_u_next = grad_u
-        return grad_x, None, None, None
+        if learn_tau and grad_tau is None:  # T = 1: tau never acts
+            grad_tau = torch.zeros((), dtype=dtype, device=grad_out.device)
+        return grad_x, grad_v_th, None, grad_tau
 
 
-def _lif_inference(x: Tensor, v_th: float, tau: float) -> Tensor:
+def _lif_inference(x: Tensor, v_th: Param, tau: Param) -> Tensor:
     """The forward of :class:`_LIFFunction` alone (same arithmetic), when no gradient is needed."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     out = torch.empty_like(x)
@@ -145,12 +175,14 @@ def _lif_inference(x: Tensor, v_th: float, tau: float) -> Tensor:
     return out
 
 
-def lif_fused(x: Tensor, v_th: float, aa: float, tau: float, return_mask: bool = False):
-    """Fast path of :func:`lif_reference`: same forward and gradients, bit for bit.
+def lif_fused(x: Tensor, v_th: Param, aa: Param, tau: Param, return_mask: bool = False):
+    """Fast path of :func:`lif_reference`: same forward and input gradient, bit for bit (and the learned
+    parameters' gradients up to the order of their sums).
 
     ``return_mask=True`` returns ``(spikes, mask)``: ``mask`` is the bool copy of the spikes that the layer keeps
     for its backward (``None`` when no gradient is needed), for a :class:`~stbp.conv.SpikeConv2d` to share."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    learned = [p for p in (v_th, tau) if isinstance(p, Tensor)]
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in learned))):
         out = _lif_inference(x, v_th, tau)
         return (out, None) if return_mask else out
     out, mask = _LIFFunction.apply(x, v_th, aa, tau)
@@ -163,11 +195,25 @@ class LIF(nn.Module):
     Input ``[T, N, ...]`` (membrane drive per time step), output spikes of the same shape and dtype. No state
     is kept between calls. With ``return_mask=True`` (how :class:`~stbp.model.SpikingResNet` calls it) the
     output is ``(spikes, mask)``, and forward hooks see that tuple. ``fast=True`` runs the whole time loop as one
-    fused autograd node
-    (:func:`lif_fused`); ``fast=False`` runs the plain loop (:func:`lif_reference`).
+    fused autograd node (:func:`lif_fused`); ``fast=False`` runs the plain loop (:func:`lif_reference`).
+
+    ``learn_tau`` and ``learn_v_th`` make the time constant and the threshold parameters (module docstring):
+    one threshold for the layer, or one per channel (``v_th_granularity='channel'``, ``channels`` of them, the
+    input's dimension 2). ``v_th``, ``aa`` and ``tau`` are then their initial values.
     """
 
-    def __init__(self, v_th: float = 0.4, aa: float = 0.5, tau: float = 0.25, fast: bool = True):
+    def __init__(
+        self,
+        v_th: float = 0.4,
+        aa: float = 0.5,
+        tau: float = 0.25,
+        fast: bool = True,
+        learn_tau: bool = False,
+        learn_v_th: bool = False,
+        v_th_granularity: str = "layer",
+        aa_mode: str = "fixed",
+        channels: int | None = None,
+    ):
         super().__init__()
         if not v_th > 0:
             raise ValueError(f"v_th must be > 0, got {v_th}")
@@ -175,14 +221,46 @@ class LIF(nn.Module):
             raise ValueError(f"aa must be > 0, got {aa}")
         if not 0 < tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {tau}")
+        if learn_tau and not tau < 1:
+            raise ValueError(f"learn_tau needs tau < 1 (tau = sigmoid(w) never reaches 1), got tau={tau}")
+        if v_th_granularity not in ("layer", "channel") or aa_mode not in ("fixed", "relative"):
+            raise ValueError(
+                f"v_th_granularity is 'layer' or 'channel', aa_mode 'fixed' or 'relative'; got "
+                f"{v_th_granularity!r}, {aa_mode!r}"
+            )
+        if learn_v_th and v_th_granularity == "channel" and not channels:
+            raise ValueError("v_th_granularity='channel' needs the layer's channels")
         self.v_th, self.aa, self.tau, self.fast = float(v_th), float(aa), float(tau), fast
+        self.aa_mode = aa_mode
+        self.tau_logit = nn.Parameter(torch.tensor(math.log(tau / (1 - tau)))) if learn_tau else None
+        shape = (channels,) if v_th_granularity == "channel" else ()
+        self.log_v_th = nn.Parameter(torch.full(shape, math.log(v_th))) if learn_v_th else None
+
+    def threshold(self) -> Param:
+        """The firing threshold: ``v_th``, or the learned one (a scalar tensor, or one per channel ``[C]``)."""
+        return self.v_th if self.log_v_th is None else self.log_v_th.exp()
+
+    def time_constant(self) -> Param:
+        """The membrane decay factor: ``tau``, or the learned one (a scalar tensor)."""
+        return self.tau if self.tau_logit is None else torch.sigmoid(self.tau_logit)
+
+    def _params(self, x: Tensor) -> tuple[Param, Param, Param]:
+        """(v_th, aa, tau) as ``x`` ``[T, N, C, ...]`` takes them: a per-channel threshold broadcasts over dim 2."""
+        v_th = self.threshold()
+        if isinstance(v_th, Tensor) and v_th.dim() == 1:
+            v_th = v_th.view(-1, *([1] * (x.dim() - 3)))
+        aa = self.aa
+        if self.aa_mode == "relative" and isinstance(v_th, Tensor):
+            aa = v_th.detach() * (self.aa / self.v_th)  # the window scales with the threshold (no gradient)
+        return v_th, aa, self.time_constant()
 
     def forward(self, x: Tensor, return_mask: bool = False):
         """Spikes ``[T, N, ...]``; with ``return_mask``, ``(spikes, mask)`` (see :func:`lif_fused`; the plain loop
         and inference give ``mask=None``)."""
+        v_th, aa, tau = self._params(x)
         if self.fast:
-            return lif_fused(x, self.v_th, self.aa, self.tau, return_mask)
-        out = lif_reference(x, self.v_th, self.aa, self.tau)
+            return lif_fused(x, v_th, aa, tau, return_mask)
+        out = lif_reference(x, v_th, aa, tau)
         return (out, None) if return_mask else out
 
     def forward_folded(self, x: Tensor, timesteps: int, return_mask: bool = False):
@@ -194,4 +272,6 @@ class LIF(nn.Module):
         return out.flatten(0, 1), None if mask is None else mask.flatten(0, 1)
 
     def extra_repr(self) -> str:
-        return f"v_th={self.v_th}, aa={self.aa}, tau={self.tau}, fast={self.fast}"
+        learned = [n for n, p in (("tau", self.tau_logit), ("v_th", self.log_v_th)) if p is not None]
+        extra = f", learned={learned}, aa_mode={self.aa_mode}" if learned else ""
+        return f"v_th={self.v_th}, aa={self.aa}, tau={self.tau}, fast={self.fast}{extra}"

@@ -1,5 +1,6 @@
-"""What a training run publishes to its tracker (an MLflow run, or nothing): every epoch's metrics, firing-rate table
-and checkpoints; at the end the test metrics, the summary, the firing-rate chart and the run's status; and best.pt
+"""What a training run publishes to its tracker (an MLflow run, or nothing): every epoch's metrics, firing-rate table,
+learned-neuron table and checkpoints; at the end the test metrics, the summary, the firing-rate and learned-neuron
+charts and the run's status; and best.pt
 in the Model Registry when asked. Training calls it on the primary rank only."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointDir
+from .learned import neuron_chart, neuron_table
 from .monitor import SPIKE_COST, firing_rate_chart, rate_table
 
 __all__ = ["Publisher"]
@@ -26,8 +28,12 @@ class Publisher:
         # In this order: MLflow's compare page charts the first metric a run logged.
         ordered = {k: metrics[k] for k in ("val_acc", "val_loss", *SPIKE_COST) if k in metrics}
         self.tracker.log_metrics({**ordered, **{k: v for k, v in metrics.items() if "/" not in k}}, step=step)
-        if (table := rate_table(history, self.out / "firing_rates.csv")) is not None:
-            self.tracker.log_artifact(table)
+        for table in (
+            rate_table(history, self.out / "firing_rates.csv"),
+            neuron_table(history, self.out / "neurons.csv"),
+        ):
+            if table is not None:
+                self.tracker.log_artifact(table)
         self.tracker.log_artifact(self.ckpts.last, "checkpoints")
         if is_best:
             self.tracker.log_artifact(self.ckpts.best, "checkpoints")
@@ -40,8 +46,11 @@ class Publisher:
 
         return register_checkpoint(self.ckpts.best, self.tracker.uri, run_id, name)
 
-    def finish(self, step: int, test: dict[str, float], rates: dict[str, float], summary: Path) -> None:
-        """The test metrics (as of ``step``), the ``summary`` file, the firing-rate chart; the run FINISHED."""
+    def finish(
+        self, step: int, test: dict[str, float], rates: dict[str, float], summary: Path, history: list[dict]
+    ) -> None:
+        """The test metrics (as of ``step``), the ``summary`` file, the firing-rate chart and the learned neurons'
+        chart (from the run's ``history``); the run FINISHED."""
         self.tracker.log_metrics(
             {
                 f"test_{k}" if k in SPIKE_COST else k: test[k]
@@ -51,9 +60,13 @@ class Publisher:
             step=step,
         )
         self.tracker.log_artifact(summary)
-        chart = firing_rate_chart(rates, self.out / "firing_rates.png")
-        if chart is not None:
-            self.tracker.log_artifact(chart)
+        charts = (
+            firing_rate_chart(rates, self.out / "firing_rates.png"),
+            neuron_chart(history, self.out / "neurons.png"),
+        )
+        for chart in charts:
+            if chart is not None:
+                self.tracker.log_artifact(chart)
         self.tracker.finish("FINISHED")
 
     def failed(self) -> None:

@@ -30,7 +30,14 @@ def lr_at(cfg: Config, progress: float) -> float:
     return o.lr
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s parameters. Learned neuron parameters (a LIF's ``tau_logit`` and
+    ``log_v_th``) are a group of their own without weight decay: it would pull tau towards 0.5 and v_th towards 1."""
+    neuron = [p for name, p in model.named_parameters() if name.endswith(("tau_logit", "log_v_th"))]
+    params: list = list(model.parameters())
+    if neuron:
+        rest = [p for p in params if all(p is not q for q in neuron)]
+        params = [{"params": rest}, {"params": neuron, "weight_decay": 0.0}]
     o = cfg.optim
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)

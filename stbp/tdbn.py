@@ -7,7 +7,9 @@ height and width at once, exactly as the paper prescribes:
     y     = weight * x_hat + bias
 
 ``alpha`` is 1 for ordinary layers and 1/sqrt(2) on the two branches that meet in a residual sum, so the sum
-has the same pre-activation scale as a plain layer.
+has the same pre-activation scale as a plain layer. ``v_th`` is the threshold of the LIF layer that the output
+drives; when that threshold is learned, the layer passes it to :meth:`TdBN.forward` and the target follows it
+(a scalar, or one per channel), with its gradient: the paper's ``alpha * V_th`` with ``V_th`` a parameter.
 
 Cross-rank synchronisation: torch's ``SyncBatchNorm`` refuses CPU tensors (and SpikingJelly's tdBN breaks under
 it). ``TdBN(sync=True)`` instead all-reduces per-channel sums and counts with a differentiable all-reduce that
@@ -60,10 +62,12 @@ class TdBN(nn.BatchNorm2d):
     def scale(self) -> float:
         return self.alpha * self.v_th
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, v_th: Tensor | None = None) -> Tensor:
+        """``x`` normalised to ``alpha * v_th``: the float given at construction, or ``v_th`` (a learned threshold,
+        a scalar or ``[C]`` tensor) when given."""
         if x.dim() != 4:
             raise ValueError(f"TdBN expects time-folded input [T*N, C, H, W], got shape {tuple(x.shape)}")
-        weight = self.weight * self.scale
+        weight = self.weight * self.scale if v_th is None else self.weight * (self.alpha * v_th)
         if self.training and self.sync and _world_size(self.process_group) > 1:
             return self._forward_synced(x, weight)
         momentum = self.momentum

@@ -27,6 +27,7 @@ from .data import FRAME_FIELDS, DeviceDataset, FrameSettings, check_frames, load
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
+from .learned import learned_neurons, neuron_metrics
 from .model import channels_last, resnet19, resnet19_options
 from .monitor import SPIKE_COST
 from .progress import Progress
@@ -92,17 +93,26 @@ def train_step(
     grad_clip: float | None = None,
     tet: tuple[float, float] | None = None,
     label_smoothing: float = 0.0,
+    rate: tuple[float, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One optimisation step: forward (under ``amp`` autocast when given), the loss in fp32 (cross-entropy of the
-    time-mean output, or with ``tet = (lamb, phi)`` :func:`tet_loss`; either with ``label_smoothing``), backward,
-    optional gradient-norm clipping, optimizer step. Returns the detached loss and time-mean logits; no host sync."""
+    time-mean output, or with ``tet = (lamb, phi)`` :func:`tet_loss`; either with ``label_smoothing``; with
+    ``rate = (target, weight)`` plus ``weight * sum_l (rate_l - target)^2`` over the spiking layers' mean firing
+    rates), backward, optional gradient-norm clipping, optimizer step. Returns the detached loss and time-mean
+    logits; no host sync."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        options = {"per_step": True} if tet else {}  # (only what is used: the benchmarks' other models)
+        outputs = model(x, **options, **({"rates": True} if rate else {}))
+        if rate:
+            outputs, rates = outputs
         if tet is None:
-            logits = model(x).float()
+            logits = outputs.float()
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         else:
-            outputs = model(x, per_step=True).float()
+            outputs = outputs.float()
             loss, logits = tet_loss(outputs, y, *tet, label_smoothing=label_smoothing), outputs.mean(0)
+        if rate:
+            loss = loss + rate[1] * (rates - rate[0]).square().sum()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -143,6 +153,7 @@ class _Trainer:
         self.amp = amp_dtype(cfg, self.device)
         self.stopping = EarlyStopping(cfg.run.patience)
         self.tet = (cfg.optim.tet_lambda, cfg.optim.tet_phi) if cfg.optim.loss == "tet" else None
+        self.rate = (cfg.optim.rate_target, cfg.optim.rate_weight) if cfg.optim.rate_weight else None
         self.start_epoch, self.history, self.best_val_acc = 0, [], -1.0
         self.log = print if env.is_primary else (lambda *a, **k: None)
         self.progress = Progress(env.is_primary, cfg.run.epochs, cfg.run.batch_size)
@@ -175,7 +186,7 @@ class _Trainer:
         self.data = self._load_data(spec, frames if spec.events else None)
         self.steps = self.data.num_train_steps(cfg.run.batch_size, self.env.world_size)  # refuses too few batches
         self._build_model()
-        self.optimizer = build_optimizer(cfg, self.raw_model.parameters())
+        self.optimizer = build_optimizer(cfg, self.raw_model)
         if state is not None:
             self._restore(state)
         self.publisher = Publisher(self._open_tracker(), self.out, self.ckpts)
@@ -315,6 +326,7 @@ class _Trainer:
             t_val = time.perf_counter()
             metrics.update(self.evaluate("val"), val_time_s=time.perf_counter() - t_val)
             metrics.update(epoch_time_s=time.perf_counter() - t0, epoch=epoch + 1)
+            metrics.update(neuron_metrics(learned_neurons(self.eval_model)))  # {} unless neurons learn
             self.stopping.update(metrics["val_loss"])
             is_best = metrics["val_acc"] > self.best_val_acc
             self.best_val_acc = max(self.best_val_acc, metrics["val_acc"])
@@ -359,6 +371,7 @@ class _Trainer:
                 cfg.optim.grad_clip,
                 self.tet,
                 cfg.optim.label_smoothing,
+                self.rate,
             )
             if self.ema is not None:
                 self.ema.update()
@@ -446,13 +459,14 @@ class _Trainer:
             **({"split_hash": self.data.split_hash} if self.data.split_hash else {}),
             **{k: test[k] for k in SPIKE_COST if k in test},  # on the test set
             "firing_rates": rates,
+            **({"learned_neurons": learned} if (learned := learned_neurons(self.eval_model)) else {}),
             "output_dir": str(self.out),
         }
         if self.env.is_primary:
             if name := self.cfg.tracking.register_model:
                 summary["registered_model"] = self._register(name)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self.publisher.finish(len(self.history), test, rates, self.out / "summary.json")
+            self.publisher.finish(len(self.history), test, rates, self.out / "summary.json", self.history)
             cost = (
                 f", {test['sops_per_image']:,.0f} synaptic operations per image ({test['energy_uj_per_image']:.3f} uJ)"
                 if "sops_per_image" in test

@@ -57,6 +57,7 @@ def test_resnet19_takes_spikingresnets_own_options_and_a_checkpoints_stored_ones
     m = resnet19(width=0.0625, hidden=32, v_th=0.3, readout="spikes")
     assert (m.fc1.out_features, m.readout, m.lif1.v_th) == (32, "spikes", 0.3)
     neuron_and_io = {"hidden", "num_classes", "in_channels", "timesteps", "v_th", "aa", "tau", "readout", "fast_lif"}
+    neuron_and_io |= {"learn_tau", "learn_v_th", "v_th_granularity", "aa_mode"}
     assert set(resnet19_options()) == {"width"} | neuron_and_io
     with pytest.raises(TypeError):
         resnet19(width=0.0625, stem_channels=8)  # the layout is width's

@@ -65,6 +65,7 @@ def test_the_sweep_imports_run_one_way():
         "stbp.sweep.searcher",
         "stbp.sweep.analysis",
         "stbp.sweep.plots",
+        "stbp.sweep.compare",
         "stbp.sweep.report",
         "stbp.sweep.run",
     ]

@@ -224,3 +224,43 @@ def test_the_searcher_numbers_points_repeats_them_and_sees_each_metrics_mean(tmp
     again.on_trial_complete("t3", {"val_acc": 12.0, "sops_per_image": 3.0})
     assert again.searcher.told["t2"] == {"val_acc": 11.0, "sops_per_image": 2.0}
     assert again.suggest("t4")["__point__"] == 3
+
+
+def test_learned_against_fixed_pairs_every_setting_and_says_the_gain(tmp_path):
+    """The learn-or-sweep comparison on hand-made points of sweeps/learn_vs_sweep_smoke.yaml: each (v_th, aa) with
+    its fixed and learned point, the gain their difference, a setting tried one way only kept with a blank."""
+    from stbp.sweep.compare import format_pairs, pairs, plot_pairs, switch, write_pairs_csv
+
+    grid = load_sweep(ROOT / "sweeps" / "learn_vs_sweep_smoke.yaml")
+    assert switch(grid) == "learn_v_th"
+
+    def point(v_th, aa, learn, value, sops):
+        params = {"v_th": v_th, "aa": aa, "learn_v_th": learn}
+        last = {"val_acc": value, "sops_per_image": sops}
+        return TrialRow(f"{v_th}-{aa}-{learn}", "run", params, "FINISHED", value, 3, {}, last, {"val_acc": 1.5}, 2)
+
+    rows = [
+        point(0.4, 0.5, False, 94.0, 2.0e6),
+        point(0.4, 0.5, True, 93.0, 2.5e6),
+        point(1.45, 0.21, False, 10.4, 0.1e6),
+        point(1.45, 0.21, True, 80.0, 1.5e6),
+        point(0.4, 0.21, True, 90.0, 1.9e6),
+    ]
+    found = pairs(rows, grid)
+    assert [tuple(p.setting.values()) for p in found] == [(0.4, 0.21), (0.4, 0.5), (1.45, 0.21)]
+    gains = [p.gain() for p in found]
+    assert gains[0] is None and gains[1] == pytest.approx(-1.0) and gains[2] == pytest.approx(69.6)
+    table = list(csv.DictReader(open(write_pairs_csv(found, grid, tmp_path / "pairs.csv"))))
+    corner = table[2]
+    assert (corner["v_th"], corner["aa"], corner["fixed_val_acc"], corner["learned_val_acc"]) == (
+        "1.45",
+        "0.21",
+        "10.4",
+        "80.0",
+    )
+    assert float(corner["val_acc_gain"]) == pytest.approx(69.6) and corner["learned_sops_per_image"] == "1500000.0"
+    assert (table[0]["fixed_outcome"], table[0]["fixed_n"], table[0]["val_acc_gain"]) == ("not tried", "0", "")
+    text = format_pairs(found, grid)
+    assert "v_th=1.45  aa=0.21" in text and "80.00 ± 1.50, 1.50M SOPs" in text and "+69.60" in text
+    assert plot_pairs(found, grid, tmp_path / "pairs.png").stat().st_size > 10_000
+    assert pairs(rows, load_sweep(ROOT / "sweeps" / "smoke.yaml")) == []  # no switch searched: no comparison

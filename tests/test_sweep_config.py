@@ -114,6 +114,39 @@ def test_repeated_points_run_without_asha(tmp_path):
     assert (sweep.search.num_samples, sweep.search.repeats, sweep.scheduler.type) == (3, 3, "none")
 
 
+GRID = {
+    **BASE,
+    "space": {
+        "v_th": {"type": "choice", "values": [0.4, 1.45]},
+        "aa": {"type": "choice", "values": [0.21, 0.5, 1.0]},
+        "learn_v_th": {"type": "choice", "values": [False, True]},
+    },
+    "search": {"sampler": "grid", "num_samples": 12},
+}
+
+
+def test_a_grid_tries_every_combination_of_the_choices_once(tmp_path):
+    sweep = load_sweep(write(tmp_path, GRID))
+    points = sweep.search.points_to_evaluate
+    assert len(points) == len({tuple(p.items()) for p in points}) == 12
+    assert {(p["v_th"], p["aa"], p["learn_v_th"]) for p in points} == {
+        (v, a, learn) for v in (0.4, 1.45) for a in (0.21, 0.5, 1.0) for learn in (False, True)
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"space": {**GRID["space"], "v_th": {"type": "uniform", "low": 0.2, "high": 0.8}}}, ["space.v_th", "uniform"]),
+        ({"search": {"sampler": "grid", "num_samples": 8}}, ["search.num_samples", "12", "8"]),
+        ({"search": {**GRID["search"], "points_to_evaluate": [{"v_th": 0.4}]}}, ["search.points_to_evaluate"]),
+    ],
+)
+def test_a_grid_that_is_not_one_is_refused(tmp_path, change, named):
+    message = error_of(write(tmp_path, {**GRID, **change}))
+    assert all(part in message for part in named), message
+
+
 def test_defaults_max_t_to_epochs_and_mode_to_the_metric(tmp_path):
     sweep = load_sweep(write(tmp_path, {**BASE, "metric": "val_loss"}))
     assert sweep.mode == "min" and sweep.max_t == 2
@@ -140,7 +173,7 @@ def test_resolved_sweep_records_the_overrides(tmp_path):
         ("search.repeats", 0, ["search.repeats", "got 0"]),
         ("search.repeats", 3, ["scheduler", "asha", "scheduler: none"]),  # ASHA would stop replicates apart
         ("search.searcher", "hyperopt", ["search.searcher", "'hyperopt'"]),
-        ("search.sampler", "grid", ["search.sampler", "'grid'"]),
+        ("search.sampler", "cmaes", ["search.sampler", "'cmaes'"]),
         ("scheduler.type", "pbt", ["scheduler.type", "'pbt'"]),
         ("scheduler.grace_period", 2, ["scheduler.grace_period", "got 2", "scheduler: none"]),
         ("scheduler.max_t", 5, ["scheduler.max_t", "(5)"]),

@@ -12,6 +12,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from ..config import Config, apply_overrides, save_yaml
 from .analysis import derived, pareto_front, working_region
+from .compare import format_pairs, pairs, plot_pairs, write_pairs_csv
 from .plots import plot_landscape, plot_pareto, plot_slices
 from .record import COST_METRICS, SweepRecord, TrialRow, by_point, log_point_stats
 from .spec import Sweep
@@ -284,15 +285,9 @@ def importances(rows: Sequence[TrialRow], sweep: Sweep) -> dict[str, float] | No
         return None
 
 
-def report(sweep: Sweep, record: SweepRecord, trials: list[TrialRow], sweep_dir: Path) -> int:
-    """The end of a complete sweep: the report files, the working region, the Pareto front and the best point on
-    the parent run (each on the points' means over their replicates), and the table."""
-    rows = by_point(trials, sweep)
-    log_point_stats(record, rows, sweep)
-    out = sweep_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    front = pareto_front(rows, sweep.metrics, sweep.modes) if sweep.multi_objective else []
-    region = working_region(rows, sweep)
+def _files(sweep: Sweep, rows: list[TrialRow], region: dict | None, front: list[TrialRow], out: Path) -> list[Path]:
+    """The report's tables and pictures under ``out`` (the learned-against-fixed comparison when the sweep
+    searches a learned-neuron switch, :mod:`stbp.sweep.compare`)."""
     files = [write_csv(rows, sweep, out / "trials.csv", front)]
     if region is not None:
         (out / "sensitivity.json").write_text(json.dumps(region, indent=2) + "\n")
@@ -303,7 +298,22 @@ def report(sweep: Sweep, record: SweepRecord, trials: list[TrialRow], sweep_dir:
     plots = [plot_landscape(rows, sweep, out / "landscape.png"), plot_slices(rows, sweep, region, out / "slices.png")]
     if sweep.multi_objective:
         plots.append(plot_pareto(rows, front, sweep, out / "pareto.png"))
-    files += [p for p in plots if p]
+    if found := pairs(rows, sweep):
+        files.append(write_pairs_csv(found, sweep, out / "learn_vs_fixed.csv"))
+        plots.append(plot_pairs(found, sweep, out / "learn_vs_fixed.png"))
+    return files + [p for p in plots if p]
+
+
+def report(sweep: Sweep, record: SweepRecord, trials: list[TrialRow], sweep_dir: Path) -> int:
+    """The end of a complete sweep: the report files, the working region, the Pareto front and the best point on
+    the parent run (each on the points' means over their replicates), and the table."""
+    rows = by_point(trials, sweep)
+    log_point_stats(record, rows, sweep)
+    out = sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    front = pareto_front(rows, sweep.metrics, sweep.modes) if sweep.multi_objective else []
+    region = working_region(rows, sweep)
+    files = _files(sweep, rows, region, front, out)
     scores = importances(rows, sweep)
     if scores:
         (out / "importances.json").write_text(json.dumps(scores, indent=2) + "\n")
@@ -333,6 +343,9 @@ def report(sweep: Sweep, record: SweepRecord, trials: list[TrialRow], sweep_dir:
             f"Pareto front ({', '.join(f'{m} {d}' for m, d in zip(sweep.metrics, sweep.modes))}): "
             f"{len(front)} of {len(rows)} trials, tagged pareto_optimal=true: {', '.join(r.trial_id for r in front)}"
         )
+    if found := pairs(rows, sweep):
+        print(f"\nFixed against learned neurons, setting by setting ({out / 'learn_vs_fixed.png'}):")
+        print(format_pairs(found, sweep))
     print(f"Train it fully: python train_ddp.py --config {out / 'best_config.yaml'}")
     if registered:
         print(f'Its model: mlflow.pytorch.load_model("{registered}") (Model Registry)')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import field
@@ -124,8 +125,9 @@ class Search:
 
     searcher: Literal["optuna"] = "optuna"
     """The only searcher."""
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
-    """Optuna's sampler: 'tpe' (one or more metrics), 'nsga2' (NSGA-II, for several metrics) or 'random'."""
+    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    """Optuna's sampler: 'tpe' (one or more metrics), 'nsga2' (NSGA-II, for several metrics) or 'random'; 'grid':
+    every combination of the space's choices once, in order (num_samples = their number)."""
     seed: Int | None = 0
     """The sampler's seed (null = random)."""
     points_to_evaluate: tuple[dict[Str, Any], ...] = ()
@@ -245,6 +247,8 @@ class Sweep:
 
     def _points(self) -> tuple[dict[str, Any], ...]:
         """The points to try first, each a value inside every searched range (ints as floats in float ranges)."""
+        if self.search.sampler == "grid":
+            return self._grid()
         points = []
         for i, point in enumerate(self.search.points_to_evaluate):
             at = f"search.points_to_evaluate[{i}]"
@@ -259,6 +263,20 @@ class Sweep:
             points.append(values)
         if self.search.num_samples < len(points):
             raise ValueError(f"search.num_samples ({self.search.num_samples}) is below the {len(points)} points")
+        return tuple(points)
+
+    def _grid(self) -> tuple[dict[str, Any], ...]:
+        """Every combination of the choices, as the points to evaluate (the sampler is then never asked)."""
+        ranges = [n for n, p in self.space.items() if not isinstance(p, Choice)]
+        if ranges:
+            raise ValueError(f"space.{ranges[0]}: a grid needs choices, got {self.space[ranges[0]].describe()}")
+        if self.search.points_to_evaluate:
+            raise ValueError("search.points_to_evaluate: a grid tries every point in order; leave it out")
+        points = [
+            dict(zip(self.space, values)) for values in itertools.product(*(p.values for p in self.space.values()))
+        ]
+        if self.search.num_samples != len(points):
+            raise ValueError(f"search.num_samples: a grid of {len(points)} points, got {self.search.num_samples}")
         return tuple(points)
 
     def _check_objectives(self) -> None:

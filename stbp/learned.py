@@ -1,0 +1,89 @@
+"""The learned neuron parameters (``learn_tau``, ``learn_v_th``; :mod:`stbp.neuron`) as part of a run's record: per
+spiking layer, every epoch, in the epoch's metrics (``v_th/<layer>``, ``tau/<layer>``; with per-channel thresholds
+also ``v_th_min/<layer>`` and ``v_th_max/<layer>``, ``v_th`` being their mean), as a CSV table and as a chart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .neuron import LIF
+
+__all__ = ["learned_neurons", "neuron_metrics", "neuron_table", "neuron_chart", "KINDS"]
+
+KINDS = ("v_th", "v_th_min", "v_th_max", "tau")
+
+
+def learned_neurons(model: nn.Module) -> dict[str, dict[str, float]]:
+    """``{layer: {"v_th": ..., "tau": ...}}`` for every LIF layer of ``model`` (module paths, as the firing rates
+    name them) that learns something; ``{}`` when none does. Reads the parameters to the host (once an epoch)."""
+    out = {}
+    for name, lif in model.named_modules():
+        if not isinstance(lif, LIF) or (lif.tau_logit is None and lif.log_v_th is None):
+            continue
+        with torch.no_grad():
+            v_th = torch.as_tensor(lif.threshold(), dtype=torch.float64)
+            values = {"v_th": float(v_th.mean()), "tau": float(lif.time_constant())}
+            if v_th.dim() == 1:
+                values.update(v_th_min=float(v_th.min()), v_th_max=float(v_th.max()))
+        out[name] = values
+    return out
+
+
+def neuron_metrics(values: dict[str, dict[str, float]]) -> dict[str, float]:
+    """:func:`learned_neurons`'s values as flat metrics: ``{"v_th/<layer>": ..., "tau/<layer>": ...}``."""
+    return {f"{kind}/{layer}": v for layer, kinds in values.items() for kind, v in kinds.items()}
+
+
+def _layers(history: list[dict[str, float]], kind: str) -> list[str]:
+    last = history[-1] if history else {}
+    return [k.split("/", 1)[1] for k in last if k.startswith(f"{kind}/")]
+
+
+def neuron_table(history: list[dict[str, float]], path: str | Path) -> Path | None:
+    """Every epoch's learned values, one row per epoch and layer (``epoch, layer, v_th, v_th_min, v_th_max, tau``;
+    blank where not per channel), or None when nothing is learned."""
+    import csv
+
+    layers = _layers(history, "v_th")
+    if not layers:
+        return None
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["epoch", "layer", *KINDS])
+        for i, m in enumerate(history):
+            for layer in layers:
+                out.writerow([m.get("epoch", i + 1), layer, *(m.get(f"{k}/{layer}", "") for k in KINDS)])
+    return Path(path)
+
+
+def neuron_chart(history: list[dict[str, float]], path: str | Path) -> Path | None:
+    """The learned threshold and time constant of every layer against the epoch (two panels, PNG), or None when
+    nothing is learned or matplotlib is missing."""
+    layers = _layers(history, "v_th")
+    if not layers:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    epochs = [m.get("epoch", i + 1) for i, m in enumerate(history)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.get_cmap("viridis")
+    for j, layer in enumerate(layers):
+        colour = colours(j / max(len(layers) - 1, 1))
+        for ax, kind in zip(axes, ("v_th", "tau")):
+            ax.plot(epochs, [m.get(f"{kind}/{layer}", float("nan")) for m in history], color=colour, label=layer)
+    axes[0].set(xlabel="epoch", ylabel="v_th (mean over channels)", title="Learned threshold per layer")
+    axes[1].set(xlabel="epoch", ylabel="tau", title="Learned time constant per layer")
+    axes[1].legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
