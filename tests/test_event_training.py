@@ -1,10 +1,12 @@
 """Event-camera data end to end, on small files written in each official format (tests/_event_files.py): a short
 training run per data set learns the class-coded events, its checkpoint evaluates from the command line, the frame
 settings and the split hash reach MLflow, bad files and bad frame settings are refused before training, the data
-on the device is cropped and flipped alike over time and polarity, and a two-trial sweep runs on N-MNIST."""
+on the device is cropped and flipped alike over time and polarity, and a two-trial sweep runs on N-MNIST (fixed
+against learned thresholds, which its report compares)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -311,7 +313,10 @@ def test_a_two_trial_sweep_on_nmnist_records_the_split_in_every_trial(event_root
     sweep.update(name="nmnist_two", mlflow={"experiment": "stbp-nmnist-two", "registered_model": None})
     sweep["train"] = {"preset": "tiny", "dataset": "nmnist", "val_size": 32, "train_size": 0, "test_size": 0}
     sweep["train"].update(epochs=2, batch_size=16, lr=0.01)
-    sweep["search"].update(num_samples=2, max_concurrent=1, points_to_evaluate=[{"v_th": 0.4, "aa": 0.5}])
+    # the two trials: fixed and learned thresholds at the reference point (a grid of one setting)
+    sweep["space"] = {"v_th": {"type": "choice", "values": [0.4]}, "aa": {"type": "choice", "values": [0.5]}}
+    sweep["space"]["learn_v_th"] = {"type": "choice", "values": [False, True]}
+    sweep["search"] = {"sampler": "grid", "num_samples": 2, "max_concurrent": 1}
     sweep.update(scheduler={"type": "none"}, resources={"cpus": 1, "gpus": 0, "workers": 1})
     path = tmp_path / "nmnist_two.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
@@ -340,5 +345,21 @@ def test_a_two_trial_sweep_on_nmnist_records_the_split_in_every_trial(event_root
             assert params["dataset"] == "nmnist" and params["in_channels"] == "2"
             assert params["split_hash"] == expected and params["frame_split"] == "count"
             assert run.info.status == "FINISHED" and "val_acc" in run.data.metrics
+            learned = params["learn_v_th"] == "True"
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert ("neurons.csv" in artifacts) == learned and ("neurons.png" in artifacts) == learned
+        by_mode = {r.data.params["learn_v_th"]: r for r in runs}
+        assert set(by_mode) == {"False", "True"}
+        best = {
+            k: max(m.value for m in client.get_metric_history(r.info.run_id, "val_acc")) for k, r in by_mode.items()
+        }
+        parent = runs[0].data.tags["mlflow.parentRunId"]
+        table = Path(client.download_artifacts(parent, "report/learn_vs_fixed.csv", str(tmp_path)))
+        (row,) = list(csv.DictReader(table.open()))
+        assert (float(row["fixed_val_acc"]), float(row["learned_val_acc"])) == pytest.approx(
+            (best["False"], best["True"])
+        )
+        assert float(row["val_acc_gain"]) == pytest.approx(best["True"] - best["False"])
+        assert "Fixed against learned neurons" in proc.stdout
     finally:
         stop_group(server)

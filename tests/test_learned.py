@@ -275,3 +275,25 @@ def test_under_ddp_the_learned_neurons_stay_identical_across_ranks(tmp_path, mni
         assert torch.equal(states[0][key], states[1][key]), key
     start = resnet19(width=0.0625, learn_v_th=True, learn_tau=True, v_th_granularity="channel").state_dict()
     assert any(not torch.equal(states[0][k], start[k]) for k in keys)  # and they did learn
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_learned_neurons_like_eager():
+    """dynamo traces the fused LIF with tensor thresholds and time constants (aot_eager: the same graphs, run by
+    aten; inductor's C++ codegen would cost minutes of CI)."""
+    import copy
+
+    torch.manual_seed(0)
+    eager = resnet19(width=0.0625, learn_v_th=True, learn_tau=True, v_th_granularity="channel", aa_mode="relative")
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend="aot_eager")
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for model, params in ((eager, eager.parameters()), (compiled, twin.parameters())):
+        opt = torch.optim.SGD(params, lr=0.5)
+        for _ in range(2):
+            train_step(model, opt, x, y, rate=(0.1, 1.0))
+    moved = 0
+    for (name, a), b in zip(eager.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+        moved += name.endswith(("log_v_th", "tau_logit"))
+    assert moved and not torch.equal(eager.lif1.log_v_th, torch.full_like(eager.lif1.log_v_th, math.log(0.4)))

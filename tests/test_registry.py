@@ -75,7 +75,7 @@ def test_register_model_puts_best_pt_in_the_registry_and_it_scores_like_best_pt(
 
 def test_mlflows_scoring_server_answers_with_the_logits_of_best_pt(tmp_path, data_dir):
     """`mlflow models serve -m models:/NAME/1 --env-manager local`: a REST query on test images gets the logits
-    that best.pt's model gives for them."""
+    that best.pt's model (one with learned thresholds and time constants) gives for them."""
     import json
     import os
     import urllib.request
@@ -95,6 +95,10 @@ def test_mlflows_scoring_server_answers_with_the_logits_of_best_pt(tmp_path, dat
             test_size=128,
             tracking_uri=uri,
             register_model="stbp-served",
+            # learned neurons export and serve like weights
+            learn_v_th=True,
+            learn_tau=True,
+            v_th_granularity="channel",
         ),
     )
     train(cfg)
