@@ -41,13 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     from stbp.config import ConfigError
     from stbp.data import DataFormatError, DataNotFoundError
     from stbp.tracking import TrackingError
-    from stbp.train import TrainingDiverged, train
+    from stbp.train import Preempted, TrainingDiverged, train
 
     try:
         train(parse_args(sys.argv[1:] if argv is None else argv))
     except (ConfigError, DataNotFoundError, DataFormatError, TrackingError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # on every rank: a torchrun agent sees them all end alike
+        print(f"[stbp] {e}; the same command resumes it there")
+        return 3
     return 0
 
 

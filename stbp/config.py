@@ -161,6 +161,9 @@ class RunConfig:
     """Directory for checkpoints, metrics and artifacts."""
     resume: NonEmpty = "auto"
     """'auto': continue from output_dir/checkpoints/last.pt if present; 'never': start afresh; else a checkpoint."""
+    stop_file: NonEmpty | None = None
+    """A file whose appearance makes the run save last.pt at the next log interval and stop (exit status 3); the
+    same command resumes it there. The SLURM scripts create it on their warning signal."""
     log_interval: AtLeast1 = 50
     """Log training metrics every this many steps."""
     firing_rates: Bool = True
@@ -215,7 +218,7 @@ assert len(SECTION_OF) == sum(len(c.__pydantic_fields__) for c in SECTIONS.value
 #: Fields that say where a run's records go, not what it trains: MLflow tags rather than parameters, so that
 #: comparing runs compares what defines them (a sweep's trials set most of them themselves).
 BOOKKEEPING_FIELDS = tuple(
-    "output_dir data_dir resume run_id run_name tracking_uri experiment mlflow register_model tags".split()
+    "output_dir data_dir resume stop_file run_id run_name tracking_uri experiment mlflow register_model tags".split()
 )
 
 

@@ -69,6 +69,13 @@ class Publisher:
                 self.tracker.log_artifact(chart)
         self.tracker.finish("FINISHED")
 
+    def stopped(self) -> None:
+        """The run stopped on request to be resumed (:class:`~stbp.train.Preempted`): a run this process opened is
+        marked KILLED until the resume reopens it."""
+        if self.tracker.run_id and getattr(self.tracker, "owns_run", False):
+            self.tracker.set_tags({"preempted": "true"})
+            self.tracker.finish("KILLED")
+
     def failed(self) -> None:
         """The run ended with an error: a run this process opened is marked FAILED (a --resume reopens it)."""
         if self.tracker.run_id and getattr(self.tracker, "owns_run", False):

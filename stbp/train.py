@@ -35,7 +35,16 @@ from .publishing import Publisher
 from .recipe import WeightEMA, amp_dtype, build_optimizer, lr_at
 from .tdbn import convert_sync_tdbn
 
-__all__ = ["train", "train_step", "tet_loss", "EarlyStopping", "TrainingDiverged", "Callback", "model_kwargs"]
+__all__ = [
+    "train",
+    "train_step",
+    "tet_loss",
+    "EarlyStopping",
+    "TrainingDiverged",
+    "Preempted",
+    "Callback",
+    "model_kwargs",
+]
 
 Callback = Callable[[int, dict[str, float], "str | None"], None]
 
@@ -49,6 +58,18 @@ class TrainingDiverged(RuntimeError):
 
     def __reduce__(self):  # picklable with its fields: Ray sends it from a DDP rank to the trial
         return (type(self), (str(self), self.epoch, self.step, self.lr))
+
+
+class Preempted(RuntimeError):
+    """Training saw ``run.stop_file`` appear, saved last.pt mid-epoch (``epoch`` epochs and ``step`` steps done) and
+    stopped: the same command resumes it exactly (what a SLURM job does on its warning signal, slurm/)."""
+
+    def __init__(self, message: str, epoch: int = 0, step: int = 0):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.epoch, self.step))
 
 
 #: What continuing a run may change, since it stays the same experiment: how long it trains and stops, how it
@@ -155,6 +176,7 @@ class _Trainer:
         self.tet = (cfg.optim.tet_lambda, cfg.optim.tet_phi) if cfg.optim.loss == "tet" else None
         self.rate = (cfg.optim.rate_target, cfg.optim.rate_weight) if cfg.optim.rate_weight else None
         self.start_epoch, self.history, self.best_val_acc = 0, [], -1.0
+        self.start_step, self.partial = 0, None  # where a mid-epoch checkpoint stopped, its epoch's sums so far
         self.log = print if env.is_primary else (lambda *a, **k: None)
         self.progress = Progress(env.is_primary, cfg.run.epochs, cfg.run.batch_size)
         self.mlflow_run_id: str | None = cfg.tracking.run_id
@@ -183,6 +205,8 @@ class _Trainer:
         frames = FrameSettings.of(cfg)
         check_frames(spec.name, frames)  # on every rank, before any file is read
         state = self._resume_state()
+        if cfg.run.stop_file and self.env.is_primary:  # a stop request from before this start is answered already
+            Path(cfg.run.stop_file).unlink(missing_ok=True)
         self.data = self._load_data(spec, frames if spec.events else None)
         self.steps = self.data.num_train_steps(cfg.run.batch_size, self.env.world_size)  # refuses too few batches
         self._build_model()
@@ -255,6 +279,7 @@ class _Trainer:
             self.ema.load_state_dict({"module": state["model"], "updates": state.get("ema_updates", 0)})
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
+        self.start_step, self.partial = int(state.get("step", 0)), state.get("partial")
         self.stopping.load_state_dict(state["early_stopping"])
         self.best_val_acc = float(state["best_val_acc"])
         self.history = list(state["metrics"])
@@ -264,7 +289,8 @@ class _Trainer:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.log(f"[stbp] resumed from epoch {self.start_epoch} ({self.ckpts.path})")
+        within = f", step {self.start_step} of epoch {self.start_epoch + 1}" if self.start_step else ""
+        self.log(f"[stbp] resumed from epoch {self.start_epoch}{within} ({self.ckpts.path})")
 
     def _open_tracker(self):
         from .tracking import NullTracker, git_commit, make_tracker
@@ -309,6 +335,10 @@ class _Trainer:
         )
         try:
             return self._finish(stopped_early=self._train_epochs())
+        except Preempted:
+            if env.is_primary:
+                self.publisher.stopped()
+            raise
         except BaseException:
             if env.is_primary:
                 self.publisher.failed()
@@ -343,10 +373,12 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, env, dev = self.cfg, self.env, self.device
         self.model.train()
-        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        correct = torch.zeros((), device=dev, dtype=torch.int64)
+        first = self.start_step if epoch == self.start_epoch else 0  # > 0: resumed mid-epoch
+        sums = self.partial if first and self.partial is not None else (0.0, 0, 0)
+        loss_sum = torch.tensor(float(sums[0]), device=dev, dtype=torch.float64)
+        correct = torch.tensor(int(sums[1]), device=dev, dtype=torch.int64)
         first_bad = torch.full((), -1, device=dev, dtype=torch.int64)
-        seen = 0
+        seen = int(sums[2])
         batches = self.data.train_batches(
             epoch,
             cfg.run.batch_size,
@@ -355,10 +387,11 @@ class _Trainer:
             padding=cfg.data.crop_padding,
             hflip=cfg.data.hflip,
             seed=cfg.run.seed,
+            start_step=first,
         )
         self.progress.start(epoch, self.steps)
         t0 = time.perf_counter()
-        for step, (x, y) in enumerate(batches):
+        for step, (x, y) in enumerate(batches, first):
             lr = lr_at(cfg, epoch + step / self.steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -383,6 +416,8 @@ class _Trainer:
             if (step + 1) % cfg.run.log_interval == 0 or step + 1 == self.steps:
                 self._check_divergence(first_bad, epoch, lr)  # the one sync per log interval
                 self.progress.update(step + 1, loss_sum.item() / seen, lr, time.perf_counter() - t0)
+                if step + 1 < self.steps and self._stop_requested():
+                    self._stop(epoch, step + 1, (loss_sum.item(), int(correct), seen))
         self.progress.close()
         totals = all_reduce_sum(
             torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=dev, dtype=torch.float64)]), env
@@ -394,6 +429,21 @@ class _Trainer:
             "images_per_s": totals[2] / elapsed,
             "lr": lr,
         }
+
+    def _stop_requested(self) -> bool:
+        """Whether ``run.stop_file`` exists (as rank 0 sees it; every rank gets its answer: one collective)."""
+        if self.cfg.run.stop_file is None:
+            return False
+        seen = self.env.is_primary and Path(self.cfg.run.stop_file).exists()
+        return bool(all_reduce_sum(torch.tensor([float(seen)], device=self.device), self.env).item())
+
+    def _stop(self, epoch: int, step: int, sums: tuple[float, int, int]) -> None:
+        """Save last.pt ``step`` steps into epoch ``epoch`` (0-based) with the epoch's sums so far, and stop."""
+        if self.env.is_primary:
+            self.ckpts.save(self._state(epoch, step, sums), best=False)
+            Path(self.cfg.run.stop_file).unlink(missing_ok=True)
+        barrier(self.env)
+        raise Preempted(f"stopped at step {step} of epoch {epoch + 1} on {self.cfg.run.stop_file}", epoch, step)
 
     def _check_divergence(self, first_bad: torch.Tensor, epoch: int, lr: float) -> None:
         bad = first_bad.clone()
@@ -421,7 +471,7 @@ class _Trainer:
             self.eval_model, batches, split, amp=self.amp, env=self.env, firing_rates=self.cfg.run.firing_rates
         )  # counted in evaluation only
 
-    def _state(self, epoch: int) -> dict[str, Any]:
+    def _state(self, epoch: int, step: int = 0, partial: tuple | None = None) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -432,6 +482,7 @@ class _Trainer:
             "config": config_to_dict(self.cfg),
             "optimizer": self.optimizer.state_dict(),
             "epoch": epoch,
+            **({"step": step, "partial": list(partial)} if step else {}),
             "early_stopping": self.stopping.state_dict(),
             "best_val_acc": self.best_val_acc,
             "metrics": self.history,

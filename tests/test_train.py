@@ -42,6 +42,42 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     assert b["metrics"][0] == pytest.approx(a["metrics"][0] | {k: b["metrics"][0][k] for k in timings})
 
 
+def test_a_stop_file_saves_mid_epoch_and_the_resume_continues_exactly(tmp_path, data_dir, monkeypatch):
+    """The file appears at the second log interval of epoch 1 (step 6 of 8): last.pt holds that step, the command
+    exits 3, and the same command ends where an uninterrupted run ends, weights and epoch metrics alike."""
+    from stbp import train as training
+
+    stop = tmp_path / "b" / "STOP"
+    checks = []
+    real = training._Trainer._stop_requested
+
+    def appears_at_second_check(self):
+        checks.append(1)
+        if len(checks) == 2:
+            stop.parent.mkdir(parents=True, exist_ok=True)
+            stop.touch()
+        return real(self)
+
+    full = train(tiny(tmp_path / "a", data_dir, epochs=2, patience=0, log_interval=3))
+    cfg = tiny(tmp_path / "b", data_dir, epochs=2, patience=0, log_interval=3, stop_file=str(stop))
+    monkeypatch.setattr(training._Trainer, "_stop_requested", appears_at_second_check)
+    with pytest.raises(training.Preempted) as info:
+        train(cfg)
+    assert (info.value.epoch, info.value.step) == (0, 6) and not stop.exists()
+    saved = read_checkpoint(tmp_path / "b" / "out" / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["partial"][2]) == (0, 6, 6 * 32)
+    monkeypatch.setattr(training._Trainer, "_stop_requested", real)
+    resumed = train(cfg)
+    assert resumed["epochs_run"] == full["epochs_run"] == 2
+    a = read_checkpoint(tmp_path / "a" / "out" / "checkpoints" / "last.pt")
+    b = read_checkpoint(tmp_path / "b" / "out" / "checkpoints" / "last.pt")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    for epoch_a, epoch_b in zip(a["metrics"], b["metrics"]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert epoch_b[key] == pytest.approx(epoch_a[key], rel=1e-6), key
+
+
 def test_checkpoints_load_safely_and_rebuild_the_model(tmp_path, data_dir):
     summary = train(tiny(tmp_path, data_dir, epochs=1, v_th=0.3, aa=0.6))
     ckpt = Path(summary["output_dir"]) / "checkpoints"

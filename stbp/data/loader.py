@@ -259,19 +259,23 @@ class DeviceDataset:
         padding: int = 4,
         hflip: bool = False,
         seed: int = 0,
+        start_step: int = 0,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(x [b, C, H, W] float32, y [b] int64)`` on the device, ``b = global_batch // world_size`` (event
         data: ``x [b, T, 2, H, W]``, :func:`event_input`).
 
         Order from :func:`epoch_indices` ``(seed, epoch)``; augmentation from a device generator reseeded
         for every step from ``(seed, epoch, rank, step)``, so the batches depend only on those numbers and a run
-        resumed at an epoch boundary sees exactly the batches it would have seen.
+        resumed at an epoch boundary sees exactly the batches it would have seen; ``start_step`` skips the epoch's
+        first steps, for a run resumed within the epoch.
         """
         idx = epoch_indices(self.n_train, global_batch, world_size, rank, seed, epoch)
         idx = idx.to(self.device, non_blocking=True)
         augmenting = padding > 0 or hflip
         gen = torch.Generator(device=self.device) if augmenting else None
         for step, pos in enumerate(idx):
+            if step < start_step:
+                continue
             imgs = self.train_images[pos]
             labels = self.train_labels[pos]
             if gen is not None:
