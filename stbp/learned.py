@@ -12,9 +12,12 @@ from torch import nn
 
 from .neuron import LIF
 
-__all__ = ["learned_neurons", "neuron_metrics", "neuron_table", "neuron_chart", "KINDS"]
+__all__ = ["learned_neurons", "learned_means", "neuron_metrics", "neuron_table", "neuron_chart", "KINDS", "MEANS"]
 
 KINDS = ("v_th", "v_th_min", "v_th_max", "tau")
+#: The mean over spiking layers of each learned parameter: an MLflow metric every epoch, and what a sweep's
+#: comparison of fixed and learned neurons shows (:mod:`stbp.sweep.compare`).
+MEANS = ("v_th_mean", "tau_mean")
 
 
 def learned_neurons(model: nn.Module) -> dict[str, dict[str, float]]:
@@ -30,6 +33,20 @@ def learned_neurons(model: nn.Module) -> dict[str, dict[str, float]]:
             if v_th.dim() == 1:
                 values.update(v_th_min=float(v_th.min()), v_th_max=float(v_th.max()))
         out[name] = values
+    return out
+
+
+def learned_means(model: nn.Module) -> dict[str, float]:
+    """``{"v_th_mean": ..., "tau_mean": ...}``: each learned parameter's mean over the layers (a per-channel
+    threshold counts as its mean), only for what ``model`` learns."""
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    out = {}
+    with torch.no_grad():
+        thresholds = [lif.threshold().double().mean() for lif in lifs if lif.log_v_th is not None]
+        taus = [lif.time_constant().double() for lif in lifs if lif.tau_logit is not None]
+        for name, values in (("v_th_mean", thresholds), ("tau_mean", taus)):
+            if values:
+                out[name] = float(torch.stack(values).mean())
     return out
 
 

@@ -27,7 +27,7 @@ from .data import FRAME_FIELDS, DeviceDataset, FrameSettings, check_frames, load
 from .datasets import DATASETS
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
-from .learned import learned_neurons, neuron_metrics
+from .learned import learned_means, learned_neurons, neuron_metrics
 from .model import channels_last, resnet19, resnet19_options
 from .monitor import SPIKE_COST
 from .progress import Progress
@@ -356,7 +356,7 @@ class _Trainer:
             t_val = time.perf_counter()
             metrics.update(self.evaluate("val"), val_time_s=time.perf_counter() - t_val)
             metrics.update(epoch_time_s=time.perf_counter() - t0, epoch=epoch + 1)
-            metrics.update(neuron_metrics(learned_neurons(self.eval_model)))  # {} unless neurons learn
+            metrics.update(neuron_metrics(learned_neurons(self.eval_model)), **learned_means(self.eval_model))
             self.stopping.update(metrics["val_loss"])
             is_best = metrics["val_acc"] > self.best_val_acc
             self.best_val_acc = max(self.best_val_acc, metrics["val_acc"])

@@ -227,6 +227,9 @@ def test_learned_neurons_train_resume_exactly_and_are_recorded(tmp_path, data_di
             values["tau"]
         )
     assert json.loads((out / "summary.json").read_text())["learned_neurons"] == learned
+    final = learned_neurons(model).values()  # last.pt's; the means are MLflow metrics every epoch
+    assert a["metrics"][-1]["v_th_mean"] == pytest.approx(sum(v["v_th"] for v in final) / len(final))
+    assert a["metrics"][-1]["tau_mean"] == pytest.approx(sum(v["tau"] for v in final) / len(final))
     proc = subprocess.run([sys.executable, "-m", "stbp.evaluate", str(out / "checkpoints" / "best.pt"),
                            "--data_dir", data_dir, "--device", "cpu"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)  # fmt: skip

@@ -236,7 +236,7 @@ def test_learned_against_fixed_pairs_every_setting_and_says_the_gain(tmp_path):
 
     def point(v_th, aa, learn, value, sops):
         params = {"v_th": v_th, "aa": aa, "learn_v_th": learn}
-        last = {"val_acc": value, "sops_per_image": sops}
+        last = {"val_acc": value, "sops_per_image": sops, **({"v_th_mean": v_th * 0.9} if learn else {})}
         return TrialRow(f"{v_th}-{aa}-{learn}", "run", params, "FINISHED", value, 3, {}, last, {"val_acc": 1.5}, 2)
 
     rows = [
@@ -259,8 +259,11 @@ def test_learned_against_fixed_pairs_every_setting_and_says_the_gain(tmp_path):
         "80.0",
     )
     assert float(corner["val_acc_gain"]) == pytest.approx(69.6) and corner["learned_sops_per_image"] == "1500000.0"
+    assert float(corner["learned_v_th_mean"]) == pytest.approx(1.305) and corner["learned_tau_mean"] == ""
     assert (table[0]["fixed_outcome"], table[0]["fixed_n"], table[0]["val_acc_gain"]) == ("not tried", "0", "")
     text = format_pairs(found, grid)
-    assert "v_th=1.45  aa=0.21" in text and "80.00 ± 1.50, 1.50M SOPs" in text and "+69.60" in text
+    assert "v_th=1.45  aa=0.21" in text and "80.00 ± 1.50, 1.50M SOPs, v_th -> 1.30" in text and "+69.60" in text
+    region = format_region(working_region(rows, grid))
+    assert "learn_v_th False, True" in region or "learn_v_th True, False" in region, region
     assert plot_pairs(found, grid, tmp_path / "pairs.png").stat().st_size > 10_000
     assert pairs(rows, load_sweep(ROOT / "sweeps" / "smoke.yaml")) == []  # no switch searched: no comparison

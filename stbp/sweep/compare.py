@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..learned import MEANS
 from .plots import _coord, _landscape_axes, _pyplot
 from .record import TrialRow
 from .spec import Sweep
@@ -66,13 +67,15 @@ def pairs(rows: Sequence[TrialRow], sweep: Sweep) -> list[Pair]:
 
 def write_pairs_csv(found: Sequence[Pair], sweep: Sweep, path: Path) -> Path:
     """One row per setting: its values, then for the fixed and the learned point the first metric's mean, std and
-    replicates, the spike cost (SOPs per image at the last epoch) and the outcome; the gain (learned - fixed)."""
+    replicates, the spike cost (SOPs per image at the last epoch) and the outcome; the learned point's final mean
+    threshold and time constant over the layers (where learned); the gain (learned - fixed)."""
     metric = sweep.metrics[0]
     others = list(found[0].setting) if found else []
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         fields = (metric, f"{metric}_std", "n", COST, "outcome")
-        out.writerow([*others, *(f"{pop}_{k}" for pop in ("fixed", "learned") for k in fields), f"{metric}_gain"])
+        means = [f"learned_{m}" for m in MEANS]
+        out.writerow([*others, *(f"{p}_{k}" for p in ("fixed", "learned") for k in fields), *means, f"{metric}_gain"])
         for pair in found:
             cells = []
             for row in (pair.fixed, pair.learned):
@@ -81,8 +84,9 @@ def write_pairs_csv(found: Sequence[Pair], sweep: Sweep, path: Path) -> Path:
                     continue
                 value = "" if row.value is None else row.value
                 cells += [value, row.std.get(metric, 0.0), row.n, row.last.get(COST, ""), row.outcome]
+            learned = [pair.learned.last.get(m, "") if pair.learned else "" for m in MEANS]
             gain = pair.gain()
-            out.writerow([*pair.setting.values(), *cells, "" if gain is None else gain])
+            out.writerow([*pair.setting.values(), *cells, *learned, "" if gain is None else gain])
     return path
 
 
@@ -93,7 +97,8 @@ def _cell(row: TrialRow | None, metric: str) -> str:
         return row.outcome
     spread = f" ± {row.std[metric]:.2f}" if row.n > 1 else ""
     cost = f", {row.last[COST] / 1e6:.2f}M SOPs" if COST in row.last else ""
-    return f"{row.value:.2f}{spread}{cost}"
+    moved = f", v_th -> {row.last['v_th_mean']:.2f}" if "v_th_mean" in row.last else ""
+    return f"{row.value:.2f}{spread}{cost}{moved}"
 
 
 def format_pairs(found: Sequence[Pair], sweep: Sweep) -> str:
@@ -102,7 +107,7 @@ def format_pairs(found: Sequence[Pair], sweep: Sweep) -> str:
     name = switch(sweep)
     head = ["  ".join(f"{k}={_g(v)}" for k, v in p.setting.items()) for p in found]
     width = max([len("setting"), *map(len, head)])
-    lines = [f"{'setting':<{width}}  {'fixed (' + name + ' false)':<32}  {'learned (true)':<32}  gain"]
+    lines = [f"{'setting':<{width}}  {'fixed (' + name + ' false)':<32}  {'learned (true)':<48}  gain"]
     for label, pair in zip(head, found):
         gain = pair.gain()
         shown = "" if gain is None else f"{gain:+.2f}"

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from ..learned import MEANS
 from ..monitor import SPIKE_COST
 from ..tracking import TrackingError, experiment_id
 
@@ -310,7 +311,7 @@ def collect_rows(record: SweepRecord, sweep: Sweep) -> list[TrialRow]:
         values = [m.value for m in history if math.isfinite(m.value)]
         best = (max if mode == "max" else min)(values) if values else None
         last = {}
-        for name in dict.fromkeys((*sweep.metrics, *COST_METRICS)):
+        for name in dict.fromkeys((*sweep.metrics, *COST_METRICS, *MEANS)):
             points = history if name == metric else client.get_metric_history(run.info.run_id, name)
             if points and math.isfinite(final := max(points, key=lambda m: m.step).value):
                 last[name] = final

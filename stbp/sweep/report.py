@@ -7,6 +7,7 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 
@@ -114,7 +115,7 @@ def write_report(
         metrics += [
             Metric(f"region.{name}.{end}", float(v), 0, 0)
             for name, span in region["ranges"].items()
-            if all(isinstance(v, (int, float)) for v in span)
+            if all(_number(v) for v in span)
             for end, v in zip(("low", "high"), span)
         ]
     if sweep.multi_objective:
@@ -217,11 +218,15 @@ def format_region(region: dict, unit: str = "trials") -> str:
     for name, span in region["ranges"].items():
         text = (
             f"{span[0]:.3g} to {span[1]:.3g}"
-            if all(isinstance(v, (int, float)) for v in span)
-            else ", ".join(map(str, span))
+            if all(_number(v) for v in span)
+            else ", ".join(map(str, span))  # the choices that work
         )
         lines.append(f"  {name:<10} {text}")
     return "\n".join(lines)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _ui_base(record: SweepRecord) -> str:
