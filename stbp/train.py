@@ -374,7 +374,8 @@ class _Trainer:
         cfg, env, dev = self.cfg, self.env, self.device
         self.model.train()
         first = self.start_step if epoch == self.start_epoch else 0  # > 0: resumed mid-epoch
-        sums = self.partial if first and self.partial is not None else (0.0, 0, 0)
+        done = self.partial if first and self.partial is not None else (0.0, 0, 0)  # all ranks' sums so far
+        sums = done if env.is_primary else (0.0, 0, 0)  # counted once in the all-reduce below
         loss_sum = torch.tensor(float(sums[0]), device=dev, dtype=torch.float64)
         correct = torch.tensor(int(sums[1]), device=dev, dtype=torch.int64)
         first_bad = torch.full((), -1, device=dev, dtype=torch.int64)
@@ -417,7 +418,7 @@ class _Trainer:
                 self._check_divergence(first_bad, epoch, lr)  # the one sync per log interval
                 self.progress.update(step + 1, loss_sum.item() / seen, lr, time.perf_counter() - t0)
                 if step + 1 < self.steps and self._stop_requested():
-                    self._stop(epoch, step + 1, (loss_sum.item(), int(correct), seen))
+                    self._stop(epoch, step + 1, torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(seen)]))
         self.progress.close()
         totals = all_reduce_sum(
             torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=dev, dtype=torch.float64)]), env
@@ -426,7 +427,7 @@ class _Trainer:
         return {
             "train_loss": totals[0] / totals[2],
             "train_acc": 100.0 * totals[1] / totals[2],
-            "images_per_s": totals[2] / elapsed,
+            "images_per_s": (totals[2] - done[2]) / elapsed,
             "lr": lr,
         }
 
@@ -437,10 +438,12 @@ class _Trainer:
         seen = self.env.is_primary and Path(self.cfg.run.stop_file).exists()
         return bool(all_reduce_sum(torch.tensor([float(seen)], device=self.device), self.env).item())
 
-    def _stop(self, epoch: int, step: int, sums: tuple[float, int, int]) -> None:
-        """Save last.pt ``step`` steps into epoch ``epoch`` (0-based) with the epoch's sums so far, and stop."""
+    def _stop(self, epoch: int, step: int, sums: Tensor) -> None:
+        """Save last.pt ``step`` steps into epoch ``epoch`` (0-based) with the epoch's sums so far over all ranks
+        (loss x images, correct, images), and stop."""
+        loss, correct, seen = all_reduce_sum(sums, self.env).tolist()
         if self.env.is_primary:
-            self.ckpts.save(self._state(epoch, step, sums), best=False)
+            self.ckpts.save(self._state(epoch, step, (loss, int(correct), int(seen))), best=False)
             Path(self.cfg.run.stop_file).unlink(missing_ok=True)
         barrier(self.env)
         raise Preempted(f"stopped at step {step} of epoch {epoch + 1} on {self.cfg.run.stop_file}", epoch, step)
