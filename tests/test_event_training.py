@@ -7,6 +7,7 @@ against learned thresholds, which its report compares)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -47,6 +48,15 @@ def event_root(tmp_path_factory) -> Path:
     return root
 
 
+def cfg_overrides(root: Path, tmp_path: Path, name: str) -> dict:
+    """What event_config changes from the tiny preset, as command-line values."""
+    data = event_config(root, tmp_path, name)
+    keys = ("dataset", "data_dir", "output_dir", "train_size", "test_size", "epochs", "batch_size", "lr", "patience")
+    values = {k: getattr(getattr(data, section), k) for section in ("data", "run", "optim") for k in keys
+              if hasattr(getattr(data, section), k)}  # fmt: skip
+    return {**values, "amp": "off", **{k: str(v).lower() if isinstance(v, bool) else v for k, v in LEARN[name].items()}}
+
+
 def event_config(root: Path, tmp_path: Path, name: str, **changes):
     overrides = dict(
         dataset=name,
@@ -77,10 +87,21 @@ def copy_set(root: Path, tmp_path: Path, name: str) -> Path:
 
 @pytest.mark.parametrize("name", SETS)
 def test_a_short_run_learns_each_event_data_set_and_its_checkpoint_evaluates(event_root, tmp_path, name):
+    """From the command line (train_ddp.main) with MLflow and a registered model, then evaluated."""
+    from mlflow.tracking import MlflowClient
+
+    sys.path.insert(0, str(ROOT))
+    import train_ddp
+
     cfg = event_config(event_root, tmp_path, name)
     spec = DATASETS[name]
     assert (cfg.model.in_channels, cfg.model.num_classes, cfg.model.timesteps) == (2, spec.classes, 2)
-    summary = train(cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [f"--{k}={v}" for k, v in {**cfg_overrides(event_root, tmp_path, name), "tracking_uri": uri}.items()]
+    assert train_ddp.main(["--preset", "tiny", *argv, "--register_model", f"stbp-{name}"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    version = MlflowClient(uri).get_model_version(f"stbp-{name}", "1")
+    assert version.run_id == summary["mlflow_run_id"] and f"on {name}: v_th 0.4" in version.description
     chance = 100 / spec.classes
     assert summary["test_acc"] > 3 * chance, summary  # the classes are learnt, not guessed
     train_ids, test_ids = event_splits(name, event_root)

@@ -215,3 +215,24 @@ def test_a_requeued_sweep_job_ends_with_exactly_its_trials(slurm, tmp_path, data
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.params["v_th"] for c in children) == ["0.3", "0.4", "0.5"]  # no trial twice
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_failing_job_says_why_and_sbatch_wait_returns_its_status(slurm, tmp_path, data_dir):
+    """A job that fails (a bad training option, named in the log; an MLflow server that does not answer, refused
+    before training starts) ends FAILED, and ``sbatch --wait`` returns its exit status."""
+    from tests._dist import free_port
+
+    env, args = training(tmp_path, data_dir, epochs=1)
+    base = {**os.environ, "STBP_PYTHON": str(ROOT / ".venv" / "bin" / "python"), **env}
+    down = {**base, "STBP_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    for name, extra, environment, expected in (
+        ("bad-option", ["--v_th", "-1"], base, "model.v_th"),
+        ("no-server", [], down, "does not answer (STBP_TRACKING_URI)"),
+    ):
+        log = tmp_path / f"{name}.out"
+        cmd = ["sbatch", "--wait", "--ntasks=1", "--cpus-per-task=1", f"--output={log}", "slurm/train.sbatch"]
+        proc = sh(*cmd, *args, *extra, check=False, cwd=ROOT, env=environment)
+        text = log.read_text()
+        status = int(job(proc.stdout.split()[-1])["ExitCode"].split(":")[0])
+        assert proc.returncode == status != 0 and expected in text, (name, proc.stderr, text[-2000:])
+    assert "torchrun agent" not in text  # the server was checked before anything started

@@ -265,5 +265,7 @@ def test_learned_against_fixed_pairs_every_setting_and_says_the_gain(tmp_path):
     assert "v_th=1.45  aa=0.21" in text and "80.00 ± 1.50, 1.50M SOPs, v_th -> 1.30" in text and "+69.60" in text
     region = format_region(working_region(rows, grid))
     assert "learn_v_th False, True" in region or "learn_v_th True, False" in region, region
+    only_learned = [r for r in rows if r.params["learn_v_th"]]  # a region holding one value of the switch
+    assert plot_slices(only_learned, grid, working_region(only_learned, grid), tmp_path / "slices.png")
     assert plot_pairs(found, grid, tmp_path / "pairs.png").stat().st_size > 10_000
     assert pairs(rows, load_sweep(ROOT / "sweeps" / "smoke.yaml")) == []  # no switch searched: no comparison

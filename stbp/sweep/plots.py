@@ -143,7 +143,8 @@ def plot_slices(rows: Sequence[TrialRow], sweep: Sweep, region: dict | None, pat
     scored = [r for r in rows if r.value is not None and math.isfinite(r.value) and None not in r.params.values()]
     if not scored or region is None:
         return None
-    names = [n for n in coordinates(scored[0]) if all(isinstance(coordinates(r)[n], (int, float)) for r in scored)]
+    numbers = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731 (a choice of switches: compare.py)
+    names = [n for n in coordinates(scored[0]) if all(numbers(coordinates(r)[n]) for r in scored)]
     if not names:
         return None
     plt = _pyplot()
