@@ -218,8 +218,9 @@ def test_a_requeued_sweep_job_ends_with_exactly_its_trials(slurm, tmp_path, data
 
 
 def test_a_failing_job_says_why_and_sbatch_wait_returns_its_status(slurm, tmp_path, data_dir):
-    """A job that fails (a bad training option, named in the log; an MLflow server that does not answer, refused
-    before training starts) ends FAILED, and ``sbatch --wait`` returns its exit status."""
+    """A job that fails (a bad training option, named in the log; an MLflow server that does not answer or an
+    output directory that cannot be made, refused before training starts) ends FAILED, and ``sbatch --wait``
+    returns its exit status."""
     from tests._dist import free_port
 
     env, args = training(tmp_path, data_dir, epochs=1)
@@ -228,6 +229,7 @@ def test_a_failing_job_says_why_and_sbatch_wait_returns_its_status(slurm, tmp_pa
     for name, extra, environment, expected in (
         ("bad-option", ["--v_th", "-1"], base, "model.v_th"),
         ("no-server", [], down, "does not answer (STBP_TRACKING_URI)"),
+        ("no-directory", [], {**base, "STBP_OUTPUT_DIR": "/proc/stbp-runs"}, "cannot create the output directory"),
     ):
         log = tmp_path / f"{name}.out"
         cmd = ["sbatch", "--wait", "--ntasks=1", "--cpus-per-task=1", f"--output={log}", "slurm/train.sbatch"]
@@ -235,4 +237,5 @@ def test_a_failing_job_says_why_and_sbatch_wait_returns_its_status(slurm, tmp_pa
         text = log.read_text()
         status = int(job(proc.stdout.split()[-1])["ExitCode"].split(":")[0])
         assert proc.returncode == status != 0 and expected in text, (name, proc.stderr, text[-2000:])
-    assert "torchrun agent" not in text  # the server was checked before anything started
+        if name != "bad-option":  # checked before anything started
+            assert "torchrun agent" not in text
