@@ -36,7 +36,8 @@ def register_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str, run_id
 
     model, cfg = load_checkpoint(checkpoint, map_location="cpu")
     model.eval()
-    example = torch.zeros(2, *input_shape(cfg))
+    shape = input_shape(cfg)
+    example = torch.zeros(2, *shape)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
     previous = mlflow.get_tracking_uri()
@@ -61,7 +62,7 @@ def register_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str, run_id
     client.update_model_version(
         name,
         version,
-        description=describe(cfg, input_shape(cfg)),
+        description=describe(cfg, shape),
     )
     return {"name": name, "version": version, "model_uri": f"models:/{name}/{version}"}
 

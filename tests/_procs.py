@@ -242,3 +242,15 @@ def start_mlflow_server(root: Path, port: int, timeout: float = 120.0) -> subpro
         stop_group(proc)
         raise
     return proc
+
+
+#: Python source to put first in a ``python -c`` program: importing ``stbp`` fails after it, so that what follows
+#: shows a registered model needs only torch and MLflow.
+WITHOUT_STBP = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "stbp":
+            raise ImportError("stbp is not available here")
+sys.meta_path.insert(0, Block())
+"""

@@ -26,6 +26,7 @@ from stbp.evaluate import evaluate_checkpoint
 from stbp.events import event_splits, split_hash
 from stbp.train import train
 from tests import _event_files as files
+from tests._procs import WITHOUT_STBP
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ["nmnist", "dvs_gesture", "cifar10_dvs"]
@@ -145,19 +146,16 @@ def test_a_registered_event_model_takes_frames_and_scores_like_best_pt(event_roo
     with torch.no_grad():
         expected = model.eval()(frames)
     torch.save(frames, tmp_path / "frames.pt")
-    code = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] == "stbp":
-            raise ImportError("stbp is not available here")
-sys.meta_path.insert(0, Block())
-import mlflow, mlflow.pytorch, torch
+    code = (
+        WITHOUT_STBP
+        + f"""
+import mlflow, mlflow.pytorch, sys, torch
 mlflow.set_tracking_uri({uri!r})
 model = mlflow.pytorch.load_model("models:/stbp-gesture/1")
 with torch.no_grad():
     torch.save(model(torch.load("frames.pt")), "logits.pt")
 """
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from stbp.config import build_config
 from stbp.data import load_dataset, normalize
 from stbp.evaluate import evaluate_checkpoint
 from stbp.train import train
+from tests._procs import WITHOUT_STBP
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,14 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def registry_accuracy(model_uri: str, tracking_uri: str, data_dir: str, n: int, workdir: Path | None = None) -> float:
     """Test accuracy of a registered model on the first ``n`` MNIST test images, loaded in a fresh process where
     importing stbp fails: the registered model needs only torch and MLflow."""
-    code = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] == "stbp":
-            raise ImportError("stbp is not available here")
-sys.meta_path.insert(0, Block())
-import mlflow, mlflow.pytorch, torch
+    code = (
+        WITHOUT_STBP
+        + f"""
+import mlflow, mlflow.pytorch, sys, torch
 mlflow.set_tracking_uri({tracking_uri!r})
 model = mlflow.pytorch.load_model({model_uri!r})
 data = torch.load(sys.argv[1])
@@ -35,6 +32,7 @@ with torch.no_grad():
     correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in zip(data["x"].split(100), data["y"].split(100)))
 print("ACC", 100.0 * correct / len(data["y"]))
 """
+    )
     mnist = load_dataset("mnist", data_dir)
     batch = (workdir or Path(tracking_uri.removeprefix("sqlite:///")).parent) / "batch.pt"
     torch.save({"x": normalize(mnist.test_images[:n], (0.1307,), (0.3081,)), "y": mnist.test_labels[:n]}, batch)

@@ -64,9 +64,9 @@ def job(job_id: str) -> dict[str, str]:
 
 def wait_state(job_id: str, states: set[str], timeout: float, log: Path) -> dict[str, str]:
     """Wait until the job is in one of ``states`` for 3 s (a job being requeued passes through FAILED); a requeued
-    job held for its BeginTime is released at once."""
+    job held for its BeginTime is released after 5 s."""
     deadline = time.monotonic() + timeout
-    since = None
+    since = held_since = None
     while time.monotonic() < deadline:
         info = job(job_id)
         if info.get("JobState") in states:
@@ -75,21 +75,23 @@ def wait_state(job_id: str, states: set[str], timeout: float, log: Path) -> dict
                 return info
         else:
             since = None
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+        held = info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime"
+        held_since = (held_since or time.monotonic()) if held else None
+        if held and time.monotonic() - held_since >= 5:  # sooner, slurmd may still refuse the revoked credential
             sh("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
         time.sleep(1)
     subprocess.run(["scancel", job_id])
     raise AssertionError(f"job {job_id} not {states} in {timeout} s: {job(job_id)}\n{log.read_text()[-4000:]}")
 
 
-def wait_for_file(path: Path, job_id: str, timeout: float, log: Path) -> None:
+def wait_while_running(done, what: str, job_id: str, timeout: float, log: Path) -> None:
+    """Wait until ``done()`` while the job is pending or running; cancel it and fail naming ``what`` otherwise."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not done():
         if time.monotonic() > deadline or job(job_id).get("JobState") not in ("PENDING", "RUNNING"):
             subprocess.run(["scancel", job_id])
-            raise AssertionError(
-                f"{path} did not appear: {job(job_id)}\n{log.read_text()[-4000:] if log.exists() else ''}"
-            )
+            text = log.read_text()[-4000:] if log.exists() else ""
+            raise AssertionError(f"{what} did not happen: {job(job_id)}\n{text}")
         time.sleep(0.5)
 
 
@@ -130,7 +132,7 @@ def test_a_requeued_training_job_resumes_into_the_same_run_and_ends_with_its_epo
     job_id = submit("train.sbatch", tmp_path, args, env=env)
     log = tmp_path / "job.out"
     last = tmp_path / "out" / "checkpoints" / "last.pt"
-    wait_for_file(last, job_id, 300, log)  # epoch 1 is done
+    wait_while_running(last.exists, f"{last} appearing (epoch 1 done)", job_id, 300, log)
     if how == "scontrol requeue":
         sh("scontrol", "requeue", job_id)
     else:  # what --signal=B:USR1@120 sends before the time limit
@@ -202,10 +204,9 @@ def test_a_requeued_sweep_job_ends_with_exactly_its_trials(slurm, tmp_path, data
     env = sweep_env(tmp_path, data_dir)
     job_id = submit("tune.sbatch", tmp_path, ["--sweep", str(sweep_file(tmp_path, 3, 2))], env=env)
     log = tmp_path / "job.out"
-    deadline = time.monotonic() + 300
-    while not any((tmp_path / "store" / "ray").glob("slurm_sweep*/trial_*/checkpoint_*")):  # a trial is under way
-        assert time.monotonic() < deadline and job(job_id)["JobState"] in ("PENDING", "RUNNING"), log.read_text()
-        time.sleep(1)
+    checkpoints = (tmp_path / "store" / "ray").glob
+    under_way = lambda: any(checkpoints("slurm_sweep*/trial_*/checkpoint_*"))  # noqa: E731
+    wait_while_running(under_way, "a trial's first checkpoint", job_id, 300, log)
     sh("scancel", "--signal=USR1", "--batch", job_id)
     info = wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 900, log)
     text = log.read_text()

@@ -15,7 +15,7 @@ from typing import Any
 from .record import TrialRow
 from .spec import Sweep
 
-__all__ = ["REFERENCE", "derived", "coordinates", "working_region", "pareto_front", "is_reference"]
+__all__ = ["REFERENCE", "derived", "coordinates", "is_number", "working_region", "pareto_front", "is_reference"]
 
 #: The reference implementation's setting, marked on the plots.
 REFERENCE = {"v_th": 0.4, "aa": 0.5}
@@ -39,6 +39,11 @@ def _scored(rows: Sequence[TrialRow]) -> list[TrialRow]:
     return [r for r in rows if r.value is not None and math.isfinite(r.value) and None not in r.params.values()]
 
 
+def is_number(v: Any) -> bool:
+    """A number on an axis: an int or float, not a bool (a choice of switches is not a range)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def working_region(rows: Sequence[TrialRow], sweep: Sweep, fraction: float = 0.9) -> dict[str, Any] | None:
     """The trials whose best (first) metric is within ``fraction`` of the best trial's (for ``max``: at least
     ``fraction x best``; for ``min``: at most ``best / fraction``), and the range of every coordinate among them:
@@ -54,7 +59,7 @@ def working_region(rows: Sequence[TrialRow], sweep: Sweep, fraction: float = 0.9
     ranges = {}
     for name in names:
         values = [coordinates(r)[name] for r in inside]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if all(is_number(v) for v in values):
             ranges[name] = (min(values), max(values))
         else:
             ranges[name] = tuple(dict.fromkeys(values))  # the choices that work

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..learned import MEANS
-from .plots import _coord, _landscape_axes, _pyplot
+from .plots import _axes_params, _coord, _landscape_axes, _pyplot
 from .record import TrialRow
 from .spec import Sweep
 
@@ -111,7 +111,7 @@ def format_pairs(found: Sequence[Pair], sweep: Sweep) -> str:
     for label, pair in zip(head, found):
         gain = pair.gain()
         shown = "" if gain is None else f"{gain:+.2f}"
-        lines.append(f"{label:<{width}}  {_cell(pair.fixed, metric):<32}  {_cell(pair.learned, metric):<32}  {shown}")
+        lines.append(f"{label:<{width}}  {_cell(pair.fixed, metric):<32}  {_cell(pair.learned, metric):<48}  {shown}")
     return "\n".join(lines)
 
 
@@ -122,8 +122,7 @@ def _g(v: Any) -> str:
 def plot_pairs(found: Sequence[Pair], sweep: Sweep, path: Path) -> Path | None:
     """The two populations' landscapes side by side, on one colour scale, each point labelled with its value."""
     name = switch(sweep)
-    others = [n for n in sweep.space if n != name]
-    axes = [(n, sweep.space[n]) for n in (["v_th", "aa"] if {"v_th", "aa"} <= set(others) else others[:2])]
+    axes = _axes_params(sweep, without=name)
     scored = [r.value for p in found for r in (p.fixed, p.learned) if r is not None and r.value is not None]
     if not found or not scored or not axes:
         return None

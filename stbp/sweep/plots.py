@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .analysis import REFERENCE, coordinates, derived, is_reference
+from .analysis import REFERENCE, coordinates, derived, is_number, is_reference
 from .record import TrialRow
 from .spec import Sweep
 
@@ -25,9 +25,10 @@ def _pyplot():
     return plt
 
 
-def _axes_params(sweep: Sweep) -> list:
-    """v_th and aa when both are searched, else the first two searched parameters."""
-    names = ["v_th", "aa"] if {"v_th", "aa"} <= set(sweep.space) else list(sweep.space)[:2]
+def _axes_params(sweep: Sweep, without: str | None = None) -> list:
+    """v_th and aa when both are searched, else the first two searched parameters (``without`` one of them)."""
+    searched = [name for name in sweep.space if name != without]
+    names = ["v_th", "aa"] if {"v_th", "aa"} <= set(searched) else searched[:2]
     return [(name, sweep.space[name]) for name in names]
 
 
@@ -143,8 +144,7 @@ def plot_slices(rows: Sequence[TrialRow], sweep: Sweep, region: dict | None, pat
     scored = [r for r in rows if r.value is not None and math.isfinite(r.value) and None not in r.params.values()]
     if not scored or region is None:
         return None
-    numbers = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731 (a choice of switches: compare.py)
-    names = [n for n in coordinates(scored[0]) if all(numbers(coordinates(r)[n]) for r in scored)]
+    names = [n for n in coordinates(scored[0]) if all(is_number(coordinates(r)[n]) for r in scored)]
     if not names:
         return None
     plt = _pyplot()

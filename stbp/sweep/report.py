@@ -7,12 +7,11 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 
 from ..config import Config, apply_overrides, save_yaml
-from .analysis import derived, pareto_front, working_region
+from .analysis import derived, is_number, pareto_front, working_region
 from .compare import format_pairs, pairs, plot_pairs, write_pairs_csv
 from .plots import plot_landscape, plot_pareto, plot_slices
 from .record import COST_METRICS, SweepRecord, TrialRow, by_point, log_point_stats
@@ -115,7 +114,7 @@ def write_report(
         metrics += [
             Metric(f"region.{name}.{end}", float(v), 0, 0)
             for name, span in region["ranges"].items()
-            if all(_number(v) for v in span)
+            if all(is_number(v) for v in span)
             for end, v in zip(("low", "high"), span)
         ]
     if sweep.multi_objective:
@@ -218,15 +217,11 @@ def format_region(region: dict, unit: str = "trials") -> str:
     for name, span in region["ranges"].items():
         text = (
             f"{span[0]:.3g} to {span[1]:.3g}"
-            if all(_number(v) for v in span)
+            if all(is_number(v) for v in span)
             else ", ".join(map(str, span))  # the choices that work
         )
         lines.append(f"  {name:<10} {text}")
     return "\n".join(lines)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _ui_base(record: SweepRecord) -> str:
