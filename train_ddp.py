@@ -37,11 +37,11 @@ def hardware_preset() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stbp.checkpoint import CheckpointError
     from stbp.config import ConfigError
     from stbp.data import DataFormatError, DataNotFoundError
     from stbp.tracking import TrackingError
     from stbp.train import Preempted, TrainingDiverged, train
+    from stbp.train.checkpoint import CheckpointError
 
     try:
         train(parse_args(sys.argv[1:] if argv is None else argv))

@@ -14,7 +14,7 @@ import sys
 
 def parse_args(argv: list[str]):
     from stbp.config import config_parser, parse_args
-    from stbp.schema import sweep_schema
+    from stbp.sweep.schema import sweep_schema
     from stbp.sweep.spec import TRIAL_OWNED_FIELDS
 
     raw = argparse.RawDescriptionHelpFormatter

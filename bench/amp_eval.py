@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stbp.checkpoint import load_checkpoint  # noqa: E402
 from stbp.data import load_dataset, normalize  # noqa: E402
+from stbp.train.checkpoint import load_checkpoint  # noqa: E402
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stbp.events import event_splits, find_cifar10_dvs, integrate_samples, sample_events  # noqa: E402
+from stbp.data.events import event_splits, find_cifar10_dvs, integrate_samples, sample_events  # noqa: E402
 from tests._event_files import (  # noqa: E402
     AEDAT2_HEADER,
     AEDAT31_HEADER,

@@ -20,8 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from stbp.model import resnet19
-from stbp.neuron import lif_fused
+from stbp.core.model import resnet19
+from stbp.core.neuron import lif_fused
 
 
 def median_s(fn, repeats: int, warmup: int = 2) -> float:
@@ -74,8 +74,8 @@ def levers(width: float, batch: int) -> None:
     """stbp.train.train_step as the cpu preset runs it (bf16 where the CPU has it): plain, with label smoothing,
     and followed by the weight EMA's update; alternating, median of 7 rounds of 3 steps."""
     from stbp.config import build_config
-    from stbp.recipe import WeightEMA, amp_dtype
     from stbp.train import train_step
+    from stbp.train.recipe import WeightEMA, amp_dtype
 
     torch.manual_seed(0)
     model = resnet19(width=width).to(memory_format=torch.channels_last)
@@ -106,9 +106,9 @@ def levers(width: float, batch: int) -> None:
 
 
 def cost(width: float, batch: int) -> None:
-    """stbp.evaluate.evaluate over 1,024 images: plain, with firing rates and spike cost (the monitor's hooks,
+    """stbp.train.evaluate.evaluate over 1,024 images: plain, with firing rates and spike cost (the monitor's hooks,
     the SOP count), alternating, median of 5 rounds; the training step has no hooks either way."""
-    from stbp.evaluate import evaluate as run_eval
+    from stbp.train.evaluate import evaluate as run_eval
 
     torch.manual_seed(0)
     model = resnet19(width=width).to(memory_format=torch.channels_last)

@@ -158,7 +158,7 @@ def sj_resnet19(**kwargs) -> SJResNet19:
 @torch.no_grad()
 def load_from_stbp(sj: SJResNet19, ours: nn.Module) -> SJResNet19:
     """Copy ``ours``' (an ``stbp`` ResNet-19) weights into ``sj``; tdBN weights take ``alpha*v_th`` in."""
-    from stbp.tdbn import TdBN
+    from stbp.core.tdbn import TdBN
 
     scales = {f"{name}.weight": m.scale for name, m in ours.named_modules() if isinstance(m, TdBN)}
     state = {k: v * scales[k] if k in scales else v for k, v in ours.state_dict().items()}

@@ -4,11 +4,11 @@ The core (neurons, tdBN, the network, training) needs only torch; Ray and MLflow
 parts that use them.
 """
 
-from .checkpoint import load_checkpoint
-from .model import SpikingResNet, resnet19
-from .monitor import FiringRateMonitor
-from .neuron import LIF, lif_fused, lif_reference, spike
-from .tdbn import TdBN, convert_sync_tdbn
+from .core.model import SpikingResNet, resnet19
+from .core.monitor import FiringRateMonitor
+from .core.neuron import LIF, lif_fused, lif_reference, spike
+from .core.tdbn import TdBN, convert_sync_tdbn
+from .train.checkpoint import load_checkpoint
 
 __all__ = [
     "LIF",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stbp.datasets import DATASETS
+from stbp.data.catalog import DATASETS
 
 
 def _images(n: int, classes: int, channels: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

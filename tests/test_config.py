@@ -83,7 +83,7 @@ def test_field_names_are_sorted_unique_leaves():
 
 
 def test_the_presets_are_the_shipped_files_and_read_only():
-    assert list(PRESETS) == sorted(p.stem for p in (ROOT / "stbp" / "presets").glob("*.yaml"))
+    assert list(PRESETS) == sorted(p.stem for p in (ROOT / "stbp" / "config" / "presets").glob("*.yaml"))
     with pytest.raises(TypeError):
         PRESETS["new"] = {}  # type: ignore[index]
     with pytest.raises(TypeError):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from stbp.conv import SpikeConv2d
-from stbp.model import resnet19
+from stbp.core.conv import SpikeConv2d
+from stbp.core.model import resnet19
 
 
 def spikes(*shape, channels_last=False):

@@ -17,10 +17,10 @@ import torch
 
 from stbp.config import ConfigError, build_config
 from stbp.data import DataFormatError, DataNotFoundError, augment, load_dataset
-from stbp.datasets import DATASETS
-from stbp.evaluate import evaluate_checkpoint
+from stbp.data.catalog import DATASETS
 from stbp.sweep import load_sweep
 from stbp.train import train
+from stbp.train.evaluate import evaluate_checkpoint
 from tests._datasets import make_cifar, make_idx_dataset, py2_pickle, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_evaluate_command_needs_no_dataset_flag(data_root, tmp_path):
         [
             sys.executable,
             "-m",
-            "stbp.evaluate",
+            "stbp.train.evaluate",
             str(tmp_path / "out/checkpoints/best.pt"),
             "--data_dir",
             str(data_root),

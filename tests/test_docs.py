@@ -36,7 +36,7 @@ def arguments_after(script: str) -> list[tuple[str, list[str]]]:
 def test_every_readme_training_command_parses(line, args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if "--config" in args:  # a file of the user's: any valid one will do
-        args[args.index("--config") + 1] = str(ROOT / "stbp" / "presets" / "tiny.yaml")
+        args[args.index("--config") + 1] = str(ROOT / "stbp" / "config" / "presets" / "tiny.yaml")
     if args == ["--help"]:
         with pytest.raises(SystemExit, match="0"):
             train_ddp.parse_args(args)

@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
-from stbp.checkpoint import load_checkpoint
 from stbp.config import ConfigError, build_config
 from stbp.data import DataFormatError, DataNotFoundError, DeviceDataset, FrameSettings, event_input, load_dataset
-from stbp.datasets import DATASETS
-from stbp.evaluate import evaluate_checkpoint
-from stbp.events import event_splits, split_hash
+from stbp.data.catalog import DATASETS
+from stbp.data.events import event_splits, split_hash
 from stbp.train import train
+from stbp.train.checkpoint import load_checkpoint
+from stbp.train.evaluate import evaluate_checkpoint
 from tests import _event_files as files
 from tests._procs import WITHOUT_STBP
 
@@ -120,7 +120,7 @@ def test_the_evaluate_command_scores_an_event_checkpoint(event_root, tmp_path):
     summary = train(event_config(event_root, tmp_path, "nmnist", epochs=1))
     best = Path(summary["output_dir"]) / "checkpoints" / "best.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "stbp.evaluate", str(best), "--data_dir", str(event_root), "--device", "cpu"],
+        [sys.executable, "-m", "stbp.train.evaluate", str(best), "--data_dir", str(event_root), "--device", "cpu"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -1,4 +1,4 @@
-"""stbp.events on small files written in each official format (tests/_event_files.py): the readers event for event,
+"""stbp.data.events on small files written in each official format (tests/_event_files.py): the readers event for event,
 the files they must refuse, frames, the frame cache, split hashes, the CIFAR10-DVS splits, layouts and archives."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stbp import events as ev
+from stbp.data import events as ev
 from tests import _event_files as files
 
 READERS = {"nmnist": ev.read_nmnist, "dvs_gesture": ev.read_aedat31, "cifar10_dvs": ev.read_cifar10_dvs}

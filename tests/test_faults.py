@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_rank_killed_mid_epoch_restarts_and_resumes_into_the_same_mlflow_run(tmp_path, data_dir):
     # One restart is enough: the restarted ranks must not read the killed attempt's stale addresses from
-    # torchrun's shared store (they did on a loaded machine before stbp.distributed keyed it by restart).
+    # torchrun's shared store (they did on a loaded machine before stbp.train.distributed keyed it by restart).
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     env = {**os.environ, "STBP_DATA_DIR": data_dir, "OMP_NUM_THREADS": "1"}
     cmd = [

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from stbp import LIF, resnet19
-from stbp.checkpoint import read_checkpoint
 from stbp.config import ConfigError, build_config
-from stbp.learned import learned_neurons
-from stbp.monitor import FiringRateMonitor
-from stbp.neuron import lif_fused
-from stbp.tdbn import TdBN
+from stbp.core.learned import learned_neurons
+from stbp.core.monitor import FiringRateMonitor
+from stbp.core.neuron import lif_fused
+from stbp.core.tdbn import TdBN
 from stbp.train import train, train_step
+from stbp.train.checkpoint import read_checkpoint
 from tests._dist import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ SNAPSHOT = """
 import sys, torch
 from stbp.config import build_config
 from stbp.data import load_dataset, normalize
-from stbp.model import resnet19
+from stbp.core.model import resnet19
 from stbp.train import train_step
 cfg = build_config(preset="tiny", overrides=dict(mlflow=False))
 torch.manual_seed(0)
@@ -230,7 +230,7 @@ def test_learned_neurons_train_resume_exactly_and_are_recorded(tmp_path, data_di
     final = learned_neurons(model).values()  # last.pt's; the means are MLflow metrics every epoch
     assert a["metrics"][-1]["v_th_mean"] == pytest.approx(sum(v["v_th"] for v in final) / len(final))
     assert a["metrics"][-1]["tau_mean"] == pytest.approx(sum(v["tau"] for v in final) / len(final))
-    proc = subprocess.run([sys.executable, "-m", "stbp.evaluate", str(out / "checkpoints" / "best.pt"),
+    proc = subprocess.run([sys.executable, "-m", "stbp.train.evaluate", str(out / "checkpoints" / "best.pt"),
                            "--data_dir", data_dir, "--device", "cpu"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -240,7 +240,7 @@ def test_learned_neurons_train_resume_exactly_and_are_recorded(tmp_path, data_di
 
 
 def test_learned_neurons_are_not_decayed_and_the_defaults_have_no_extra_group():
-    from stbp.recipe import build_optimizer
+    from stbp.train.recipe import build_optimizer
 
     cfg = build_config(preset="tiny", overrides=dict(weight_decay=0.1, mlflow=False))
     plain = build_optimizer(cfg, resnet19(width=0.0625))

@@ -51,8 +51,8 @@ def test_width_scales_every_convolution_but_not_the_spiking_fc_layer():
 
 
 def test_resnet19_takes_spikingresnets_own_options_and_a_checkpoints_stored_ones():
-    from stbp.checkpoint import build_model_from_checkpoint
-    from stbp.model import resnet19_options
+    from stbp.core.model import resnet19_options
+    from stbp.train.checkpoint import build_model_from_checkpoint
 
     m = resnet19(width=0.0625, hidden=32, v_th=0.3, readout="spikes")
     assert (m.fc1.out_features, m.readout, m.lif1.v_th) == (32, "spikes", 0.3)
@@ -161,8 +161,8 @@ def test_spike_cost_counts_every_synaptic_operation_like_an_im2col_count(amp):
     """SOPs against a second count: every spiking convolution's input unfolded into its windows (im2col: one column
     per output position, borders and strides included), each spike in a window reaching all C_out outputs; the
     spikes into the pool reach all 256 fc1 units, lif_fc1's all 10 outputs. Energy: 0.9 pJ/SOP + 4.6 pJ/MAC."""
-    from stbp.conv import SpikeConv2d
-    from stbp.evaluate import evaluate
+    from stbp.core.conv import SpikeConv2d
+    from stbp.train.evaluate import evaluate
 
     torch.manual_seed(0)
     m = resnet19(width=0.0625, timesteps=2, v_th=0.2)
@@ -199,7 +199,7 @@ def test_the_model_config_and_the_model_agree_on_every_option_and_default():
     import inspect
 
     from stbp.config import ModelConfig
-    from stbp.model import SpikingResNet, resnet19_options
+    from stbp.core.model import SpikingResNet, resnet19_options
 
     defaults = {n: p.default for n, p in inspect.signature(SpikingResNet.__init__).parameters.items()}
     defaults["width"] = inspect.signature(resnet19).parameters["width"].default
@@ -243,7 +243,7 @@ def test_the_same_frame_at_every_step_is_direct_encoding():
 def test_the_stem_on_event_frames_counts_the_macs_of_the_pixels_with_events():
     """An event-driven stem works only where there are events: C_out MACs for every nonzero input in each window,
     at every step; the spiking layers' SOPs count as for images."""
-    from stbp.evaluate import evaluate
+    from stbp.train.evaluate import evaluate
 
     torch.manual_seed(0)
     m = resnet19(width=0.0625, timesteps=2, in_channels=2, v_th=0.2)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from stbp.checkpoint import read_checkpoint
 from stbp.config import ConfigError, build_config
-from stbp.recipe import WeightEMA, lr_at
 from stbp.train import tet_loss, train, train_step
+from stbp.train.checkpoint import read_checkpoint
+from stbp.train.recipe import WeightEMA, lr_at
 
 
 def hand_smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> float:
@@ -83,7 +83,7 @@ def tiny(tmp_path, data_dir, **overrides):
 
 
 def test_ema_training_scores_and_saves_the_averaged_weights_and_resumes_exactly(tmp_path, data_dir):
-    from stbp.evaluate import evaluate_checkpoint
+    from stbp.train.evaluate import evaluate_checkpoint
 
     full = train(tiny(tmp_path / "a", data_dir, epochs=2, ema_decay=0.9))
     train(tiny(tmp_path / "b", data_dir, epochs=1, ema_decay=0.9))

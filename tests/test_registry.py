@@ -11,8 +11,8 @@ import torch
 
 from stbp.config import build_config
 from stbp.data import load_dataset, normalize
-from stbp.evaluate import evaluate_checkpoint
 from stbp.train import train
+from stbp.train.evaluate import evaluate_checkpoint
 from tests._procs import WITHOUT_STBP
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,13 +14,13 @@ import pytest
 import yaml
 
 from stbp.config import FIELDS, PRESETS, build_config, config_to_dict
-from stbp.schema import SCHEMA_FILES, sweep_schema, train_schema
 from stbp.sweep import SweepError, load_sweep
+from stbp.sweep.schema import SCHEMA_FILES, sweep_schema, train_schema
 from stbp.sweep.spec import TRIAL_OWNED_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
-PRESET_FILES = sorted((ROOT / "stbp" / "presets").glob("*.yaml"))
+PRESET_FILES = sorted((ROOT / "stbp" / "config" / "presets").glob("*.yaml"))
 GENERATED = {"train": train_schema, "sweep": sweep_schema}
 
 

@@ -39,7 +39,7 @@ def imports() -> dict[str, set[str]]:
 
 def test_no_import_circles():
     graph = imports()
-    assert "stbp.sweep.spec" in graph and "stbp.train" in graph  # the walk found the package
+    assert "stbp.sweep.spec" in graph and "stbp.train.loop" in graph  # the walk found the package
 
     def circle_from(start: str) -> list[str] | None:
         stack = [(start, [start])]
@@ -93,8 +93,31 @@ def test_no_function_or_method_is_over_60_lines():
 
 def test_the_core_loads_without_ray_or_mlflow():
     code = (
-        "import sys, stbp, stbp.train, stbp.evaluate, stbp.data, stbp.config, stbp.checkpoint\n"
+        "import sys, stbp, stbp.train, stbp.evaluate, stbp.data.loader, stbp.config, stbp.train.checkpoint, stbp.core\n"
         "print(sorted(m for m in ('ray', 'mlflow', 'optuna') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+#: The floors of the package, lowest first: a module imports its own floor and those below, never one above.
+FLOORS = ["stbp.errors", "stbp.ports", "stbp.core", "stbp.data", "stbp.config", "stbp.tracking", "stbp.train"]
+FLOORS += ["stbp.sweep", "stbp.evaluate"]
+
+
+def floor(module: str) -> int:
+    return next((i for i, f in enumerate(FLOORS) if module == f or module.startswith(f + ".")), len(FLOORS))
+
+
+def test_imports_never_run_up_a_floor():
+    graph = imports()
+    assert {floor(m) for m in graph} >= set(range(len(FLOORS))), "every floor has a module"
+    up = {(m, d) for m, deps in graph.items() for d in deps if floor(d) > floor(m) and m != "stbp"}
+    assert not up, sorted(up)
+
+
+def test_the_package_shows_its_floors_with_few_loose_modules():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(loose) <= 6, loose
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert {"core", "data", "config", "train", "tracking", "sweep"} <= packages

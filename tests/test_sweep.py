@@ -381,7 +381,7 @@ def test_the_compare_link_is_printed_and_tagged_with_every_trial(multi_sweeps):
 
 @pytest.mark.slow
 def test_the_best_trial_is_registered_and_loads_by_name_scoring_like_best_pt(multi_sweeps, data_dir):
-    from stbp.evaluate import evaluate_checkpoint
+    from stbp.train.evaluate import evaluate_checkpoint
     from tests.test_registry import registry_accuracy
 
     s = multi_sweeps

@@ -72,7 +72,7 @@ def test_training_with_tet_runs_on_mnist_and_cifar(tmp_path, data_dir):
             preset="tiny", overrides={**base, "data_dir": data_dir, "loss": "tet", "output_dir": str(tmp_path / "tet")}
         )
     )
-    from stbp.checkpoint import read_checkpoint
+    from stbp.train.checkpoint import read_checkpoint
 
     ce_state, tet_state = (read_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("ce", "tet"))
     assert math.isfinite(tet["test_acc"]) and math.isfinite(tet_state["metrics"][0]["train_loss"])

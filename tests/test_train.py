@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from stbp import load_checkpoint, resnet19
-from stbp.checkpoint import CheckpointError, read_checkpoint
 from stbp.config import ConfigError, build_config
 from stbp.data import DataNotFoundError
-from stbp.recipe import lr_at
 from stbp.train import TrainingDiverged, train
+from stbp.train.checkpoint import CheckpointError, read_checkpoint
+from stbp.train.recipe import lr_at
 from tests._dist import free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_resume_continues_exactly(tmp_path, data_dir):
 def test_a_stop_file_saves_mid_epoch_and_the_resume_continues_exactly(tmp_path, data_dir, monkeypatch):
     """The file appears at the second log interval of epoch 1 (step 6 of 8): last.pt holds that step, the command
     exits 3, and the same command ends where an uninterrupted run ends, weights and epoch metrics alike."""
-    from stbp import train as training
+    from stbp.train import loop as training
 
     stop = tmp_path / "b" / "STOP"
     checks = []
@@ -90,7 +90,7 @@ def test_checkpoints_load_safely_and_rebuild_the_model(tmp_path, data_dir):
     written = json.loads((Path(summary["output_dir"]) / "summary.json").read_text())
     assert {"test_acc", "best_val_acc", "epochs_run", "images_per_s", "world_size", "mlflow_run_id"} <= set(written)
     # The model rebuilt from best.pt gives the summary's test accuracy (independent evaluation path).
-    from stbp.evaluate import evaluate_checkpoint
+    from stbp.train.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(ckpt / "best.pt", data_dir=data_dir, limit=cfg.data.test_size)
     assert result["test_acc"] == pytest.approx(written["test_acc"], abs=1e-9)
@@ -345,7 +345,7 @@ def test_a_log_shows_progress_with_an_eta_and_the_last_line_where_the_outputs_ar
 ):
     import re
 
-    from stbp.progress import Progress
+    from stbp.train.progress import Progress
 
     monkeypatch.setattr(Progress, "EVERY_S", 0.0)  # every sync point; a log gets one every 30 s
     train(tiny(tmp_path, data_dir, epochs=2, log_interval=2, patience=0))  # 8 steps an epoch

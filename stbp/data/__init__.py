@@ -1,45 +1,73 @@
-"""The data sets: :mod:`~stbp.data.files` finds, verifies and downloads their files; :mod:`~stbp.data.loader` holds
-one on the training device and serves shuffled, sharded, augmented batches from it; :mod:`~stbp.data.event_sets`
-turns the event-camera data sets into frames."""
+"""The data sets: what each one is (:mod:`.catalog`, facts the config reads); finding, verifying and downloading
+their files (:mod:`.files`); holding one on the training device and serving shuffled, sharded, augmented batches
+(:mod:`.loader`); the event-camera sets' readers, frames and splits (:mod:`.events`, :mod:`.event_sets`).
 
-from .event_sets import FRAME_FIELDS, FrameSettings, check_frames
-from .files import (
-    DATA_DIR_ENV,
-    DataFormatError,
-    DataNotFoundError,
-    DatasetTensors,
-    load_dataset,
-    resolve_data_dir,
-)
-from .loader import (
-    MNIST_MEAN,
-    MNIST_STD,
-    DeviceDataset,
-    augment,
-    epoch_indices,
-    event_input,
-    model_input,
-    normalize,
-    split_train_val,
-)
+The names below load on first use (PEP 562), so that the config can read :mod:`.catalog` without torch or numpy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .event_sets import FRAME_FIELDS, FrameSettings, check_frames
+    from .files import DATA_DIR_ENV, DataFormatError, DataNotFoundError, DatasetTensors, load_dataset, resolve_data_dir
+    from .loader import (
+        MNIST_MEAN,
+        MNIST_STD,
+        DeviceDataset,
+        augment,
+        epoch_indices,
+        event_input,
+        model_input,
+        normalize,
+        split_train_val,
+    )
+
+_HOME = {
+    **dict.fromkeys(["FRAME_FIELDS", "FrameSettings", "check_frames"], ".event_sets"),
+    **dict.fromkeys(
+        ["DATA_DIR_ENV", "DataFormatError", "DataNotFoundError", "DatasetTensors", "load_dataset", "resolve_data_dir"],
+        ".files",
+    ),
+    **dict.fromkeys(
+        ["MNIST_MEAN", "MNIST_STD", "DeviceDataset", "augment", "epoch_indices", "event_input", "model_input"],
+        ".loader",
+    ),
+    **dict.fromkeys(["normalize", "split_train_val"], ".loader"),
+}
 
 __all__ = [
     "DATA_DIR_ENV",
+    "FRAME_FIELDS",
     "MNIST_MEAN",
     "MNIST_STD",
     "DataFormatError",
     "DataNotFoundError",
     "DatasetTensors",
     "DeviceDataset",
+    "FrameSettings",
     "augment",
+    "check_frames",
     "epoch_indices",
     "event_input",
-    "model_input",
-    "FRAME_FIELDS",
-    "FrameSettings",
-    "check_frames",
     "load_dataset",
+    "model_input",
     "normalize",
     "resolve_data_dir",
     "split_train_val",
 ]
+assert sorted(__all__) == sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})

@@ -1,4 +1,4 @@
-"""The event-camera data sets (:mod:`stbp.events`) as training tensors: each official split integrated into frames
+"""The event-camera data sets (:mod:`stbp.data.events`) as training tensors: each official split integrated into frames
 ``[N, T, 2, H, W]`` once, kept in the frame cache under ``<data_dir>/<folder>/frames/``, with the hash that names the
 split. The frame settings are checked against the data set here, before anything is read.
 """
@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import Tensor
 
-from ..datasets import DATASETS, DatasetSpec
-from ..events import SENSORS, cached_frames, event_splits, split_hash
-from ..validation import ConfigError
+from ..errors import ConfigError
+from .catalog import DATASETS, DatasetSpec
+from .events import SENSORS, cached_frames, event_splits, split_hash
 
 __all__ = ["FrameSettings", "FRAME_FIELDS", "check_frames", "load_event_tensors"]
 
@@ -38,7 +38,7 @@ class FrameSettings:
         return cls(cfg.model.timesteps, data.frame_split, data.frame_size, data.dvs_test_split)
 
     def cache_settings(self, dataset: str) -> dict[str, Any]:
-        """What :func:`stbp.events.cached_frames` takes (and keys its cache by)."""
+        """What :func:`stbp.data.events.cached_frames` takes (and keys its cache by)."""
         return {"dataset": dataset, "T": self.timesteps, "split": self.split, "size": self.size}
 
 

@@ -5,7 +5,7 @@ torchvision's checked download when missing (failing fast offline), and read int
     FashionMNIST/raw/ (the same four files)                          fashion_mnist
     cifar-10-batches-py/{data_batch_1..5,test_batch}                 cifar10
     cifar-100-python/{train,test}  (fine labels)                     cifar100
-    NMNIST/, DVSGesture/, CIFAR10DVS/ (stbp.events; never downloaded)  nmnist, dvs_gesture, cifar10_dvs
+    NMNIST/, DVSGesture/, CIFAR10DVS/ (stbp.data.events; never downloaded)  nmnist, dvs_gesture, cifar10_dvs
 
 Checksums belong to the downloaded archives (torchvision checks them); the decoded files are checked by structure
 on every load: header, shape, dtype, counts and label range, with an error that names the file and what is wrong.
@@ -30,9 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..datasets import DATASETS, DatasetSpec
-from ..events import EventDataNotFound, EventFormatError
+from .catalog import DATASETS, DatasetSpec
 from .event_sets import FrameSettings, check_frames, load_event_tensors
+from .events import EventDataNotFound, EventFormatError
 
 __all__ = [
     "DataNotFoundError",
@@ -284,13 +284,13 @@ def load_dataset(
     timeout: float = 10.0,
     frames: FrameSettings | None = None,
 ) -> DatasetTensors:
-    """A whole data set (:data:`stbp.datasets.DATASETS`) as CPU tensors.
+    """A whole data set (:data:`stbp.data.catalog.DATASETS`) as CPU tensors.
 
     Looks under ``data_dir`` (:func:`resolve_data_dir`) in torchvision's layout; if the files are missing and
     ``download`` is true, fetches them with torchvision (failing within about ``timeout`` seconds offline).
     :class:`DataNotFoundError` names every place looked in; :class:`DataFormatError` names a malformed file.
     An event data set needs ``frames`` (checked first, :func:`~stbp.data.event_sets.check_frames`) and is never
-    downloaded: its official files must be under ``data_dir`` (:mod:`stbp.events`).
+    downloaded: its official files must be under ``data_dir`` (:mod:`stbp.data.events`).
     """
     spec = DATASETS[name]
     check_frames(name, frames)

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..datasets import DATASETS, DatasetSpec
+from .catalog import DATASETS, DatasetSpec
 from .files import DatasetTensors
 
 __all__ = [
@@ -168,7 +168,7 @@ def _crop_flip(images: Tensor, padding: int, hflip: bool, generator: torch.Gener
 
 def event_input(frames: Tensor, padding: int = 0, hflip: bool = False, generator: torch.Generator | None = None):
     """Event frames ``[B, T, 2, H, W]`` of counts -> float32 ``log(1 + count)`` (zero stays zero; a hot pixel's
-    hundreds of events do not swamp the rest; :mod:`stbp.datasets`), after :func:`augment`'s random crop and flip
+    hundreds of events do not swamp the rest; :mod:`stbp.data.catalog`), after :func:`augment`'s random crop and flip
     when ``padding`` or ``hflip`` (drawn from ``generator`` as there): one offset and coin per sample, for all of
     its frames and polarities."""
     if padding < 0:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..learned import MEANS
+from ..core.learned import MEANS
 from .plots import _axes_params, _coord, _landscape_axes, _pyplot
 from .record import TrialRow
 from .spec import Sweep

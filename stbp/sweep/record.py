@@ -22,8 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from ..learned import MEANS
-from ..monitor import SPIKE_COST
+from ..core.learned import MEANS
+from ..core.monitor import SPIKE_COST
 from ..tracking import TrackingError, experiment_id
 
 if TYPE_CHECKING:

@@ -140,7 +140,8 @@ def register_best(record: SweepRecord, best: TrialRow, name: str | None) -> str 
     """The best trial's best.pt as a new version of ``name`` in the Model Registry; its model URI."""
     if name is None:
         return None
-    from ..registry import register_checkpoint
+    from ..tracking.registry import register_model
+    from ..train.checkpoint import load_checkpoint
 
     path = Path(best.tags.get("output_dir", "")) / "checkpoints" / "best.pt"
     if not path.is_file():  # trained on another node: its run has it
@@ -149,7 +150,8 @@ def register_best(record: SweepRecord, best: TrialRow, name: str | None) -> str 
         path = download_artifacts(
             run_id=best.run_id, artifact_path="checkpoints/best.pt", tracking_uri=record.tracking_uri
         )
-    found = register_checkpoint(path, record.tracking_uri, best.run_id, name)
+    model, cfg = load_checkpoint(path)
+    found = register_model(model, cfg, record.tracking_uri, best.run_id, name)
     record.client().set_tag(record.parent_run_id, "registered_model", found["model_uri"])
     return found["model_uri"]
 

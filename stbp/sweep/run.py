@@ -172,7 +172,7 @@ def _check_data(train) -> None:
     """The data set where the trials will look, fetched here once if allowed (not by every trial at once); event
     data integrated here into its frame cache, for the base config's frame settings."""
     from ..data import DataFormatError, DataNotFoundError, FrameSettings, load_dataset
-    from ..datasets import DATASETS
+    from ..data.catalog import DATASETS
 
     frames = FrameSettings.of(train) if DATASETS[train.data.dataset].events else None
     try:

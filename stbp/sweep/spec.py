@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter
 
-from ..config import (
+from ..config.settings import (
     BOOKKEEPING_FIELDS,
     FIELDS,
     AtLeast1,
@@ -29,8 +29,8 @@ from ..config import (
     build_config,
     flatten,
 )
-from ..monitor import SPIKE_COST
-from ..validation import Bool, ConfigError, Float, Int, Str, load_yaml, section, validate
+from ..config.validation import Bool, ConfigError, Float, Int, Str, load_yaml, section, validate
+from ..core.monitor import SPIKE_COST
 
 #: The metrics the trainer reports every epoch that a sweep can optimise (the spike cost is the validation set's).
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", *SPIKE_COST)

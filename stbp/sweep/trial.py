@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import CheckpointDir
 from ..config import Config, apply_overrides, config_from_dict, config_to_dict
-from ..monitor import SPIKE_COST
+from ..core.monitor import SPIKE_COST
+from ..train.checkpoint import CheckpointDir
 from .record import POINT_TAG, REPLICATE_TAG, SweepRecord, child_run, fail_child
 from .spec import Resources
 

@@ -1,10 +1,9 @@
 """The one training function: ``train(cfg)``. ``train_ddp.py`` and the Ray Tune trials both call it.
 
 Per epoch: on-device shuffled shards -> :func:`train_step` with no host sync (metrics accumulate on the device; a
-sync every ``log_interval`` steps checks for divergence and updates the display, :class:`~stbp.progress.Progress`)
--> one all-reduce of sums and counts -> validation (:func:`stbp.evaluate.evaluate`) -> :class:`EarlyStopping` ->
-checkpoints (:class:`~stbp.checkpoint.CheckpointDir`, rank 0) -> MLflow (:class:`~stbp.publishing.Publisher`,
-rank 0) -> ``callback`` (every rank).
+sync every ``log_interval`` steps checks for divergence and updates the display, :mod:`.progress`) -> one
+all-reduce of sums and counts -> validation (:mod:`.evaluate`) -> :class:`EarlyStopping` -> checkpoints
+(:mod:`.checkpoint`, rank 0) -> MLflow (:mod:`stbp.tracking.publishing`, rank 0) -> ``callback`` (every rank).
 """
 
 from __future__ import annotations
@@ -21,19 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointDir, CheckpointError, read_checkpoint
-from .config import BOOKKEEPING_FIELDS, Config, ConfigError, config_to_dict, flatten_config
-from .data import FRAME_FIELDS, DeviceDataset, FrameSettings, check_frames, load_dataset
-from .datasets import DATASETS
+from ..config import BOOKKEEPING_FIELDS, Config, ConfigError, config_to_dict, flatten_config
+from ..core.learned import learned_means, learned_neurons, neuron_metrics
+from ..core.model import channels_last, resnet19, resnet19_options
+from ..core.monitor import SPIKE_COST
+from ..core.tdbn import convert_sync_tdbn
+from ..data import FRAME_FIELDS, DeviceDataset, FrameSettings, check_frames, load_dataset
+from ..data.catalog import DATASETS
+from ..tracking.publishing import Publisher
+from .checkpoint import CheckpointDir, CheckpointError, load_checkpoint, read_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
-from .learned import learned_means, learned_neurons, neuron_metrics
-from .model import channels_last, resnet19, resnet19_options
-from .monitor import SPIKE_COST
 from .progress import Progress
-from .publishing import Publisher
 from .recipe import WeightEMA, amp_dtype, build_optimizer, lr_at
-from .tdbn import convert_sync_tdbn
 
 __all__ = [
     "train",
@@ -293,7 +292,7 @@ class _Trainer:
         self.log(f"[stbp] resumed from epoch {self.start_epoch}{within} ({self.ckpts.path})")
 
     def _open_tracker(self):
-        from .tracking import NullTracker, git_commit, make_tracker
+        from ..tracking import NullTracker, git_commit, make_tracker
 
         if not self.env.is_primary:
             return NullTracker()
@@ -534,7 +533,8 @@ class _Trainer:
 
     def _register(self, name: str) -> str | None:
         """best.pt in the MLflow Model Registry as a new version of ``name``; its URI (None without MLflow)."""
-        found = self.publisher.register(name, self.mlflow_run_id)
+        model, cfg = load_checkpoint(self.ckpts.best)
+        found = self.publisher.register(name, self.mlflow_run_id, model, cfg)
         if found is None:
             return None
         self.log(f'[stbp] registered as {found["model_uri"]}: mlflow.pytorch.load_model("models:/{name}/latest")')

@@ -35,7 +35,7 @@ __all__ = ["FiringRateMonitor", "spike_cost", "rate_table", "firing_rate_chart",
 
 E_AC_PJ = 0.9  #: pJ per accumulate (a 32-bit float add, 45 nm; Horowitz 2014): the cost of one SOP
 E_MAC_PJ = 4.6  #: pJ per multiply-accumulate (3.7 pJ multiply + 0.9 pJ add, 32-bit float, 45 nm; Horowitz 2014)
-#: The spike-cost metrics :func:`stbp.evaluate.evaluate` reports with firing rates on (per epoch, on validation).
+#: The spike-cost metrics :func:`stbp.train.evaluate.evaluate` reports with firing rates on (per epoch, on validation).
 SPIKE_COST = ("spikes_per_image", "sops_per_image", "energy_uj_per_image", "firing_rate")
 
 

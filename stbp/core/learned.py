@@ -1,4 +1,4 @@
-"""The learned neuron parameters (``learn_tau``, ``learn_v_th``; :mod:`stbp.neuron`) as part of a run's record: per
+"""The learned neuron parameters (``learn_tau``, ``learn_v_th``; :mod:`stbp.core.neuron`) as part of a run's record: per
 spiking layer, every epoch, in the epoch's metrics (``v_th/<layer>``, ``tau/<layer>``; with per-channel thresholds
 also ``v_th_min/<layer>`` and ``v_th_max/<layer>``, ``v_th`` being their mean), as a CSV table and as a chart.
 """

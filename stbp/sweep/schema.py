@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from .config import SECTIONS, train_schema
-from .sweep.spec import TRIAL_OWNED_FIELDS, Sweep
+from ..config import SECTIONS, train_schema
+from .spec import TRIAL_OWNED_FIELDS, Sweep
 
 #: Where the committed schemas live, relative to the repository root.
 SCHEMA_FILES = {"train": "sweeps/train.schema.json", "sweep": "sweeps/sweep.schema.json"}

@@ -1,4 +1,4 @@
-"""Validated run configuration: a tree of frozen dataclasses (:mod:`stbp.validation`), one section per concern.
+"""Validated run configuration: a tree of frozen dataclasses (:mod:`stbp.config.validation`), one section per concern.
 
 Every field name is unique across the tree, so a mapping (a YAML file, an overrides dict) may give a field flat
 (``v_th: 0.3``) or nested by section (``model: {v_th: 0.3}``); on the command line it is ``--v_th 0.3`` or
@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, TypeAdapter
 
-from .datasets import DATASETS, dataset_defaults
+from ..data.catalog import DATASETS, dataset_defaults
 from .validation import Bool, ConfigError, Float, Int, Str, did_you_mean, load_yaml, parse_yaml, section, validate
 
 Positive = Annotated[Float, Field(gt=0)]
@@ -69,7 +69,7 @@ class DataConfig:
     """Data set, location, split sizes and augmentation."""
 
     dataset: Literal[tuple(DATASETS)] = "mnist"  # type: ignore[valid-type]
-    """The data set (stbp/datasets.py); setting it also sets in_channels, num_classes and hflip unless given too."""
+    """The data set (stbp/data/catalog.py); setting it also sets in_channels, num_classes and hflip unless given too."""
     data_dir: NonEmpty | None = None
     """Dataset root; None means $STBP_DATA_DIR if set, else ./data (resolved by the data module)."""
     train_size: Annotated[Int, Field(ge=0)] = 0
@@ -287,7 +287,7 @@ def save_yaml(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def _load_presets() -> Mapping[str, Mapping[str, Any]]:
-    """Preset name -> its field values (``stbp/presets/NAME.yaml``; tune the numbers there), validated."""
+    """Preset name -> its field values (``stbp/config/presets/NAME.yaml``; tune the numbers there), validated."""
     presets = {}
     for path in sorted((Path(__file__).parent / "presets").glob("*.yaml")):
         values = flatten(load_yaml(path), f" (in {str(path)!r})")

@@ -180,7 +180,7 @@ def lif_fused(x: Tensor, v_th: Param, aa: Param, tau: Param, return_mask: bool =
     parameters' gradients up to the order of their sums).
 
     ``return_mask=True`` returns ``(spikes, mask)``: ``mask`` is the bool copy of the spikes that the layer keeps
-    for its backward (``None`` when no gradient is needed), for a :class:`~stbp.conv.SpikeConv2d` to share."""
+    for its backward (``None`` when no gradient is needed), for a :class:`~stbp.core.conv.SpikeConv2d` to share."""
     learned = [p for p in (v_th, tau) if isinstance(p, Tensor)]
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in learned))):
         out = _lif_inference(x, v_th, tau)
@@ -193,7 +193,7 @@ class LIF(nn.Module):
     """Multi-step leaky integrate-and-fire layer with STBP's rectangular surrogate gradient.
 
     Input ``[T, N, ...]`` (membrane drive per time step), output spikes of the same shape and dtype. No state
-    is kept between calls. With ``return_mask=True`` (how :class:`~stbp.model.SpikingResNet` calls it) the
+    is kept between calls. With ``return_mask=True`` (how :class:`~stbp.core.model.SpikingResNet` calls it) the
     output is ``(spikes, mask)``, and forward hooks see that tuple. ``fast=True`` runs the whole time loop as one
     fused autograd node (:func:`lif_fused`); ``fast=False`` runs the plain loop (:func:`lif_reference`).
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .model import resnet19, resnet19_options
+from ..core.model import resnet19, resnet19_options
 
 __all__ = ["CheckpointError", "CheckpointDir", "FORMAT", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
 
@@ -88,7 +88,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu"):
     Returns ``(model, config)``: the model in eval mode on ``map_location``, and the resolved
     :class:`stbp.config.Config` it was trained with.
     """
-    from .config import config_from_dict
+    from ..config import config_from_dict
 
     state = read_checkpoint(path, map_location)
     model = build_model_from_checkpoint(state).eval()

@@ -8,18 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointDir
-from .learned import neuron_chart, neuron_table
-from .monitor import SPIKE_COST, firing_rate_chart, rate_table
+from ..core.learned import neuron_chart, neuron_table
+from ..core.monitor import SPIKE_COST, firing_rate_chart, rate_table
 
 __all__ = ["Publisher"]
 
 
 class Publisher:
-    """Publishes a run whose files are in ``out`` and checkpoints in ``ckpts`` to ``tracker``
+    """Publishes a run whose files are in ``out`` and checkpoints in ``ckpts`` (a
+    :class:`stbp.train.checkpoint.CheckpointDir`: its ``last`` and ``best`` paths) to ``tracker``
     (:class:`stbp.tracking.Tracker` or :class:`~stbp.tracking.NullTracker`)."""
 
-    def __init__(self, tracker, out: Path, ckpts: CheckpointDir):
+    def __init__(self, tracker, out: Path, ckpts):
         self.tracker, self.out, self.ckpts = tracker, out, ckpts
 
     def epoch(self, step: int, metrics: dict[str, float], history: list[dict], is_best: bool) -> None:
@@ -38,13 +38,14 @@ class Publisher:
         if is_best:
             self.tracker.log_artifact(self.ckpts.best, "checkpoints")
 
-    def register(self, name: str, run_id: str | None) -> dict[str, Any] | None:
-        """best.pt in the MLflow Model Registry as a new version of ``name`` (None without MLflow)."""
+    def register(self, name: str, run_id: str | None, model, cfg) -> dict[str, Any] | None:
+        """``model`` (best.pt's, trained with ``cfg``) in the MLflow Model Registry as a new version of ``name``
+        (None without MLflow)."""
         if getattr(self.tracker, "uri", None) is None:
             return None
-        from .registry import register_checkpoint
+        from .registry import register_model
 
-        return register_checkpoint(self.ckpts.best, self.tracker.uri, run_id, name)
+        return register_model(model, cfg, self.tracker.uri, run_id, name)
 
     def finish(
         self, step: int, test: dict[str, float], rates: dict[str, float], summary: Path, history: list[dict]

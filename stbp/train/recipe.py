@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Config
+from ..config import Config
 
 __all__ = ["lr_at", "build_optimizer", "amp_dtype", "cpu_has_native_bf16", "WeightEMA"]
 

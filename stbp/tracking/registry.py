@@ -19,23 +19,21 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .datasets import DATASETS
-from .events import SENSORS
+from ..data.catalog import DATASETS
+from ..data.events import SENSORS
 
-__all__ = ["register_checkpoint"]
+__all__ = ["register_model", "input_shape", "describe"]
 
 
-def register_checkpoint(checkpoint: str | os.PathLike, tracking_uri: str, run_id: str, name: str) -> dict[str, Any]:
-    """Log ``checkpoint``'s model in run ``run_id`` as ``model`` and register it as a new version of ``name``;
-    returns ``{"name", "version", "model_uri"}``."""
+def register_model(model: torch.nn.Module, cfg: Any, tracking_uri: str, run_id: str, name: str) -> dict[str, Any]:
+    """Log ``model`` (trained with the config ``cfg``; :func:`stbp.load_checkpoint` gives both) in run ``run_id`` as
+    ``model`` and register it as a new version of ``name``; returns ``{"name", "version", "model_uri"}``."""
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
-    model, cfg = load_checkpoint(checkpoint, map_location="cpu")
-    model.eval()
+    model = model.cpu().eval()
     shape = input_shape(cfg)
     example = torch.zeros(2, *shape)
     with torch.no_grad():

@@ -24,13 +24,11 @@ import yaml
 from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from ..errors import ConfigError
+
 Int, Float, Bool, Str = (Annotated[t, Strict()] for t in (int, float, bool, str))
 _KEYS: set[str] = set()  # every section's keys, for a did-you-mean
 _PYDANTIC = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
-
-
-class ConfigError(ValueError):
-    """An invalid, ill-typed or unknown configuration value."""
 
 
 def section(cls: type | None = None, *, error: type[ConfigError] = ConfigError):

@@ -4,7 +4,7 @@ the augmentation that suits them. Pure Python (the config reads it); :mod:`stbp.
 Normalisation constants are the training sets' per-channel pixel mean and standard deviation (on [0, 1]), as
 torchvision's and SpikingJelly's examples use them.
 
-The event-camera sets (``events=True``, :mod:`stbp.events`) have two channels, the OFF and ON polarities, and
+The event-camera sets (``events=True``, :mod:`stbp.data.events`) have two channels, the OFF and ON polarities, and
 ``size`` is the sensor's. Their samples are frames of event counts, which the model sees as ``log(1 + count)``
 (:func:`stbp.data.event_input`): no mean or standard deviation, zero stays zero (an empty pixel, the crop's
 padding) and a hot pixel's hundreds of events weigh about 6, not hundreds; tdBN after the stem sets the scale.

@@ -7,7 +7,7 @@ The logits ``[N, num_classes]`` are the mean over time of the last linear layer 
 the firing rate of a spiking output layer (``readout="spikes"``, the reference's behaviour, whose logits at T=2
 can only be 0, 0.5 or 1).
 
-Learned neurons (``learn_tau``, ``learn_v_th``; :mod:`stbp.neuron`): every LIF layer has its own, and each tdBN is
+Learned neurons (``learn_tau``, ``learn_v_th``; :mod:`stbp.core.neuron`): every LIF layer has its own, and each tdBN is
 normalised to the learned threshold of the LIF layer it drives.
 """
 
@@ -153,7 +153,7 @@ class SpikingResNet(nn.Module):
     def dense_fan_outs(self) -> dict[str, int]:
         """The spiking layers that feed linear layers, by module path, and the synapses each of their spikes
         reaches: the last block's spikes reach every fc1 unit through the average pool, lif_fc1's every output.
-        (The convolutions' synaptic operations are counted where they happen: :mod:`stbp.monitor`.)"""
+        (The convolutions' synaptic operations are counted where they happen: :mod:`stbp.core.monitor`.)"""
         last = self.stages[-1][-1].lif2
         name = next(n for n, m in self.named_modules() if m is last)
         return {name: self.fc1.out_features, "lif_fc1": self.fc2.out_features}

@@ -1,0 +1,56 @@
+"""The validated run configuration: its sections and how a config is built from presets, YAML files and the
+command line (:mod:`.settings`), the validation mechanism it shares with the sweep file (:mod:`.validation`), and
+the presets (``presets/*.yaml``)."""
+
+from .settings import (
+    BOOKKEEPING_FIELDS,
+    FIELDS,
+    PRESETS,
+    SECTION_OF,
+    SECTIONS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrackingConfig,
+    apply_overrides,
+    build_config,
+    config_from_dict,
+    config_parser,
+    config_to_dict,
+    flatten,
+    flatten_config,
+    parse_args,
+    parse_cli,
+    save_yaml,
+    train_schema,
+)
+from .validation import ConfigError, load_yaml
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "Config",
+    "SECTIONS",
+    "SECTION_OF",
+    "FIELDS",
+    "BOOKKEEPING_FIELDS",
+    "flatten",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+    "flatten_config",
+    "save_yaml",
+    "PRESETS",
+    "build_config",
+    "config_parser",
+    "parse_args",
+    "parse_cli",
+    "train_schema",
+    "ConfigError",
+    "load_yaml",
+]
