@@ -26,9 +26,19 @@ from typing import Any
 
 import torch
 
+from ..config import Config
 from ..core.model import resnet19, resnet19_options
 
-__all__ = ["CheckpointError", "CheckpointDir", "FORMAT", "save_checkpoint", "read_checkpoint", "load_checkpoint"]
+__all__ = [
+    "model_kwargs",
+    "build_model_from_checkpoint",
+    "CheckpointError",
+    "CheckpointDir",
+    "FORMAT",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_checkpoint",
+]
 
 FORMAT = "stbp/1"
 
@@ -69,6 +79,11 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise CheckpointError(f"{path} is not an stbp checkpoint (expected format {FORMAT!r})")
     return state
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """The model section's fields that :func:`resnet19` takes (what a checkpoint stores to rebuild the network)."""
+    return {k: getattr(cfg.model, k) for k in resnet19_options() if hasattr(cfg.model, k)}
 
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:

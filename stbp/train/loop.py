@@ -22,13 +22,13 @@ from torch import Tensor, nn
 
 from ..config import BOOKKEEPING_FIELDS, Config, ConfigError, config_to_dict, flatten_config
 from ..core.learned import learned_means, learned_neurons, neuron_metrics
-from ..core.model import channels_last, resnet19, resnet19_options
+from ..core.model import channels_last, resnet19
 from ..core.monitor import SPIKE_COST
 from ..core.tdbn import convert_sync_tdbn
 from ..data import FRAME_FIELDS, DeviceDataset, FrameSettings, check_frames, load_dataset
 from ..data.catalog import DATASETS
 from ..tracking.publishing import Publisher
-from .checkpoint import CheckpointDir, CheckpointError, load_checkpoint, read_checkpoint
+from .checkpoint import CheckpointDir, CheckpointError, load_checkpoint, model_kwargs, read_checkpoint
 from .distributed import DistEnv, all_reduce_sum, barrier, setup_distributed, teardown_distributed
 from .evaluate import evaluate
 from .progress import Progress
@@ -89,11 +89,6 @@ def experiment_changes(stored: dict[str, Any], cfg: Config) -> dict[str, tuple[A
         for name, before in fields.items()
         if name not in CONTINUABLE and name in now[section] and now[section][name] != before
     }
-
-
-def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """The model section's fields that :func:`resnet19` takes (what a checkpoint stores to rebuild the network)."""
-    return {k: getattr(cfg.model, k) for k in resnet19_options() if hasattr(cfg.model, k)}
 
 
 def tet_loss(outputs: Tensor, labels: Tensor, lamb: float, phi: float, label_smoothing: float = 0.0) -> Tensor:
