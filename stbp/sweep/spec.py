@@ -116,7 +116,8 @@ class Choice:
         return CategoricalDistribution(list(self.values))
 
 
-Param = Annotated[Range | IntRange | Choice, Field(discriminator="type")]
+#: A search-space entry: a float range, an int range or a choice (``type`` says which).
+SearchParam = Annotated[Range | IntRange | Choice, Field(discriminator="type")]
 
 
 @sweep_section
@@ -206,7 +207,7 @@ class Sweep:
     """Names the Ray experiment directory (<storage>/<name>) and the MLflow parent run."""
     train: Config
     """The base training config of every trial: a preset plus training fields."""
-    space: dict[Literal[SEARCHABLE], Param]  # type: ignore[valid-type]
+    space: dict[Literal[SEARCHABLE], SearchParam]  # type: ignore[valid-type]
     """The searched training fields: {type: uniform|loguniform|int, low, high} or {type: choice, values}."""
     search: Search = field(default_factory=Search)
     scheduler: Scheduler = field(default_factory=Scheduler)
