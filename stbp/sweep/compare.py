@@ -17,7 +17,7 @@ from .plots import _axes_params, _coord, _landscape_axes, _pyplot
 from .record import TrialRow
 from .spec import Sweep
 
-__all__ = ["SWITCHES", "Pair", "switch", "pairs", "write_pairs_csv", "format_pairs", "plot_pairs"]
+__all__ = ["SWITCHES", "Pair", "switch", "pairs", "write_pairs_csv", "format_pairs", "plot_pairs", "short_value"]
 
 #: The model fields whose two values split a sweep into fixed and learned populations (the first one searched).
 SWITCHES = ("learn_v_th", "learn_tau")
@@ -90,6 +90,11 @@ def write_pairs_csv(found: Sequence[Pair], sweep: Sweep, path: Path) -> Path:
     return path
 
 
+def short_value(v: Any) -> str:
+    """A value for a table cell: floats to 4 significant digits, anything else as ``str`` gives it."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _cell(row: TrialRow | None, metric: str) -> str:
     if row is None:
         return "not tried"
@@ -105,7 +110,7 @@ def format_pairs(found: Sequence[Pair], sweep: Sweep) -> str:
     """The comparison as a text table: setting, fixed, learned, gain."""
     metric = sweep.metrics[0]
     name = switch(sweep)
-    head = ["  ".join(f"{k}={_g(v)}" for k, v in p.setting.items()) for p in found]
+    head = ["  ".join(f"{k}={short_value(v)}" for k, v in p.setting.items()) for p in found]
     width = max([len("setting"), *map(len, head)])
     lines = [f"{'setting':<{width}}  {'fixed (' + name + ' false)':<32}  {'learned (true)':<48}  gain"]
     for label, pair in zip(head, found):
@@ -113,10 +118,6 @@ def format_pairs(found: Sequence[Pair], sweep: Sweep) -> str:
         shown = "" if gain is None else f"{gain:+.2f}"
         lines.append(f"{label:<{width}}  {_cell(pair.fixed, metric):<32}  {_cell(pair.learned, metric):<48}  {shown}")
     return "\n".join(lines)
-
-
-def _g(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def plot_pairs(found: Sequence[Pair], sweep: Sweep, path: Path) -> Path | None:

@@ -12,7 +12,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from ..config import Config, apply_overrides, save_yaml
 from .analysis import derived, is_number, pareto_front, working_region
-from .compare import format_pairs, pairs, plot_pairs, write_pairs_csv
+from .compare import format_pairs, pairs, plot_pairs, short_value, write_pairs_csv
 from .plots import plot_landscape, plot_pareto, plot_slices
 from .record import COST_METRICS, SweepRecord, TrialRow, by_point, log_point_stats
 from .spec import Sweep
@@ -156,10 +156,6 @@ def register_best(record: SweepRecord, best: TrialRow, name: str | None) -> str 
     return found["model_uri"]
 
 
-def _g(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def _value(row: TrialRow, sweep: Sweep) -> str:
     """The best first metric; a point's mean with its standard deviation and count when points repeat."""
     if row.value is None:
@@ -195,10 +191,10 @@ def format_table(rows: Sequence[TrialRow], sweep: Sweep, front: Sequence[TrialRo
             [
                 str(rank),
                 r.trial_id,
-                *(_g(r.params[n]) for n in names),
-                *(_g(extra.get(n, "-")) for n in derived_names),
+                *(short_value(r.params[n]) for n in names),
+                *(short_value(extra.get(n, "-")) for n in derived_names),
                 _value(r, sweep),
-                *(_g(r.last.get(m, "-")) for m in (*others, *cost)),
+                *(short_value(r.last.get(m, "-")) for m in (*others, *cost)),
                 *(["*" if r.trial_id in on_front else ""] if sweep.multi_objective else []),
                 str(r.epochs),
                 r.outcome,
