@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -145,6 +146,17 @@ def test_a_grid_tries_every_combination_of_the_choices_once(tmp_path):
 def test_a_grid_that_is_not_one_is_refused(tmp_path, change, named):
     message = error_of(write(tmp_path, {**GRID, **change}))
     assert all(part in message for part in named), message
+
+
+def test_a_sweep_made_again_keeps_its_grid_and_its_file(tmp_path):
+    """The next sweep of a file (name-2) is the sweep made again under its new name, validated again."""
+    sweep = load_sweep(write(tmp_path, GRID))
+    again = dataclasses.replace(sweep, name="t-2")
+    assert (
+        again.search.points_to_evaluate == sweep.search.points_to_evaluate
+        and len(again.search.points_to_evaluate) == 12
+    )
+    assert (again.source, again.mode, again.mlflow.registered_model) == (str(tmp_path / "sweep.yaml"), "max", "stbp-t")
 
 
 def test_defaults_max_t_to_epochs_and_mode_to_the_metric(tmp_path):

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import field
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter
+from pydantic import AfterValidator, BeforeValidator, Field, TypeAdapter, ValidationInfo, field_validator
 
 from ..config.settings import (
     BOOKKEEPING_FIELDS,
@@ -29,7 +29,7 @@ from ..config.settings import (
     build_config,
     flatten,
 )
-from ..config.validation import Bool, ConfigError, Float, Int, Str, load_yaml, section, validate
+from ..config.validation import Bool, ConfigError, Float, Int, Str, did_you_mean, load_yaml, section, validate
 from ..core.monitor import SPIKE_COST
 
 #: The metrics the trainer reports every epoch that a sweep can optimise (the spike cost is the validation set's).
@@ -213,14 +213,58 @@ class Sweep:
     scheduler: Scheduler = field(default_factory=Scheduler)
     metric: one_or_many(Literal[METRICS]) = "val_acc"  # type: ignore[valid-type]
     """What the searcher and scheduler optimise, reported every epoch; several ([val_acc, sops_per_image]): Pareto."""
-    mode: one_or_many(Literal["max", "min"]) | None = None  # type: ignore[valid-type]
+    mode: one_or_many(Literal["max", "min"]) | None = Field(  # type: ignore[valid-type]
+        default=None, validate_default=True
+    )
     """max or min, one per metric (default: max for *_acc, min for the others)."""
     resources: Resources = field(default_factory=Resources)
     failures: Failures = field(default_factory=Failures)
-    mlflow: Mlflow = field(default_factory=Mlflow)
+    mlflow: Mlflow = Field(default_factory=Mlflow, validate_default=True)
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
-    source: str = field(default="", init=False, compare=False)
-    """The file it was read from (logged with the sweep)."""
+    source: str = field(default="", compare=False)
+    """The file it was read from (logged with the sweep): :func:`load_sweep` says, never a key of the file."""
+
+    # The values derived from others are filled in as the fields are read (each from fields above it), so that a
+    # Sweep is whole when made; __post_init__ only checks.
+
+    @field_validator("search")
+    @classmethod
+    def _first_points(cls, search: Search, info: ValidationInfo) -> Search:
+        """The points to try first as the searcher takes them: ints as floats in float ranges; for a grid (a space
+        of choices, no points given), every combination of the choices, in order."""
+        space = info.data.get("space")
+        if not space:
+            return search
+        if search.sampler == "grid":
+            if search.points_to_evaluate or not all(isinstance(p, Choice) for p in space.values()):
+                return search  # refused by _check_grid
+            points = _grid(space)
+        else:
+            points = [
+                {n: float(v) if type(v) is int and isinstance(space.get(n), Range) else v for n, v in point.items()}
+                for point in search.points_to_evaluate
+            ]
+        return dataclasses.replace(search, points_to_evaluate=tuple(points))
+
+    @field_validator("mode")
+    @classmethod
+    def _natural_mode(cls, mode: Any, info: ValidationInfo) -> Any:
+        """No mode: max for each *_acc metric, min for the others."""
+        metric = info.data.get("metric")
+        if mode is not None or not metric:
+            return mode
+        natural = tuple("max" if m.endswith("_acc") else "min" for m in _as_tuple(metric))
+        return natural if len(natural) > 1 else natural[0]
+
+    @field_validator("mlflow")
+    @classmethod
+    def _model_name(cls, mlflow: Mlflow, info: ValidationInfo) -> Mlflow:
+        """``{name}`` in the registered model's name is the sweep's."""
+        if not mlflow.registered_model or "name" not in info.data:
+            return mlflow
+        return dataclasses.replace(
+            mlflow, registered_model=mlflow.registered_model.replace("{name}", info.data["name"])
+        )
 
     def __post_init__(self) -> None:
         if not self.space:
@@ -228,12 +272,9 @@ class Sweep:
         self._check_space()
         self._check_objectives()
         self._check_scheduler()
-        object.__setattr__(self, "search", dataclasses.replace(self.search, points_to_evaluate=self._points()))
+        self._check_points()
         if (batch := self.train.run.batch_size) % (workers := self.resources.workers):  # split over the workers
             raise ValueError(f"train.batch_size ({batch}) is not divisible by resources.workers ({workers})")
-        if self.mlflow.registered_model:
-            name = self.mlflow.registered_model.replace("{name}", self.name)
-            object.__setattr__(self, "mlflow", dataclasses.replace(self.mlflow, registered_model=name))
 
     def _check_space(self) -> None:
         """Each value a space can draw must be valid for its training field."""
@@ -246,48 +287,38 @@ class Sweep:
                 except ConfigError as exc:
                     raise ValueError(f"space.{name}.{key}: {exc}") from None
 
-    def _points(self) -> tuple[dict[str, Any], ...]:
-        """The points to try first, each a value inside every searched range (ints as floats in float ranges)."""
+    def _check_points(self) -> None:
+        """Each point to try first gives a value inside every searched range."""
         if self.search.sampler == "grid":
-            return self._grid()
-        points = []
-        for i, point in enumerate(self.search.points_to_evaluate):
+            return self._check_grid()
+        points = self.search.points_to_evaluate
+        for i, point in enumerate(points):
             at = f"search.points_to_evaluate[{i}]"
             if set(point) != set(self.space):
                 raise ValueError(f"{at} must give exactly {', '.join(self.space)}, got {', '.join(map(str, point))}")
-            values = {
-                n: float(v) if type(v) is int and isinstance(self.space[n], Range) else v for n, v in point.items()
-            }
             for n, p in self.space.items():
-                if not p.contains(values[n]):
-                    raise ValueError(f"{at}.{n} = {values[n]!r} is outside space.{n} {p.describe()}")
-            points.append(values)
+                if not p.contains(point[n]):
+                    raise ValueError(f"{at}.{n} = {point[n]!r} is outside space.{n} {p.describe()}")
         if self.search.num_samples < len(points):
             raise ValueError(f"search.num_samples ({self.search.num_samples}) is below the {len(points)} points")
-        return tuple(points)
 
-    def _grid(self) -> tuple[dict[str, Any], ...]:
-        """Every combination of the choices, as the points to evaluate (the sampler is then never asked)."""
+    def _check_grid(self) -> None:
+        """A grid searches choices only, and its points are every combination of them (the sampler is then never
+        asked), each once: :meth:`_first_points` fills them in."""
         ranges = [n for n, p in self.space.items() if not isinstance(p, Choice)]
         if ranges:
             raise ValueError(f"space.{ranges[0]}: a grid needs choices, got {self.space[ranges[0]].describe()}")
-        if self.search.points_to_evaluate:
+        points = self.search.points_to_evaluate
+        if list(points) != _grid(self.space):
             raise ValueError("search.points_to_evaluate: a grid tries every point in order; leave it out")
-        points = [
-            dict(zip(self.space, values)) for values in itertools.product(*(p.values for p in self.space.values()))
-        ]
         if self.search.num_samples != len(points):
             raise ValueError(f"search.num_samples: a grid of {len(points)} points, got {self.search.num_samples}")
-        return tuple(points)
 
     def _check_objectives(self) -> None:
         metrics = self.metrics
         if not metrics or len(set(metrics)) < len(metrics):
             raise ValueError(f"metric must name each metric once, got {list(metrics)}")
-        if self.mode is None:
-            natural = tuple("max" if m.endswith("_acc") else "min" for m in metrics)
-            object.__setattr__(self, "mode", natural if len(natural) > 1 else natural[0])
-        elif len(self.modes) != len(metrics):
+        if len(self.modes) != len(metrics):
             raise ValueError(f"mode must give one mode per metric ({', '.join(metrics)}), got {self.mode!r}")
         counted = [m for m in metrics if m in SPIKE_COST]
         if counted and not self.train.run.firing_rates:
@@ -317,15 +348,24 @@ class Sweep:
     @property
     def metrics(self) -> tuple[str, ...]:
         """The metrics, a tuple even for one; the first ranks the trials in tables."""
-        return (self.metric,) if isinstance(self.metric, str) else tuple(self.metric)
+        return _as_tuple(self.metric)
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return (self.mode,) if isinstance(self.mode, str) else tuple(self.mode)
+        return _as_tuple(self.mode)
 
     @property
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
+
+
+def _as_tuple(one_or_many: str | Sequence[str]) -> tuple[str, ...]:
+    return (one_or_many,) if isinstance(one_or_many, str) else tuple(one_or_many)
+
+
+def _grid(space: Mapping[str, Choice]) -> list[dict[str, Any]]:
+    """Every combination of the choices, in order."""
+    return [dict(zip(space, values)) for values in itertools.product(*(p.values for p in space.values()))]
 
 
 def load_sweep(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, **options: Any) -> Sweep:
@@ -340,11 +380,22 @@ def load_sweep(path: str | os.PathLike, overrides: Mapping[str, Any] | None = No
         raw = _command_line(load_yaml(path, what="sweep file"), **options)
         if "train" in raw:
             raw["train"] = _read_train(raw["train"], overrides or {})
-        sweep = validate(Sweep, raw)
+        return _validate(raw, path)
     except ConfigError as exc:
         raise SweepError(f"{path}: {exc}") from None
-    object.__setattr__(sweep, "source", str(path))  # not a key of the file
-    return sweep
+
+
+def _validate(raw: dict, path: str | os.PathLike) -> Sweep:
+    """The sweep of a file's keys read from ``path``: where it was read is the loader's to say, so the file's own
+    ``source`` key is an unknown one."""
+    if "source" not in raw:
+        return validate(Sweep, {**raw, "source": str(path)})
+    unknown = f"unknown key source{did_you_mean('source', Sweep.__pydantic_fields__)}"
+    try:
+        validate(Sweep, {k: v for k, v in raw.items() if k != "source"})
+    except ConfigError as exc:
+        raise SweepError(f"{unknown}\n{exc}") from None
+    raise SweepError(unknown)
 
 
 def _command_line(raw: dict, num_samples=None, tracking_uri=None, metric: Sequence[str] | None = None) -> dict:
