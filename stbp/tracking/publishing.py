@@ -22,12 +22,13 @@ class Publisher:
     def __init__(self, tracker, out: Path, ckpts):
         self.tracker, self.out, self.ckpts = tracker, out, ckpts
 
-    def epoch(self, step: int, metrics: dict[str, float], history: list[dict], is_best: bool) -> None:
-        """Epoch ``step``'s metrics (the run's ``history`` so far for the rate table), last.pt and a new best.pt."""
+    def epoch(self, epoch: int, metrics: dict[str, float], history: list[dict], is_best: bool) -> None:
+        """Epoch ``epoch``'s metrics (logged at that step; the run's ``history`` so far for the rate table),
+        last.pt and a new best.pt."""
         # Per-layer rates go to a table: as metrics they would be charted ahead of the accuracy.
         # In this order: MLflow's compare page charts the first metric a run logged.
         ordered = {k: metrics[k] for k in ("val_acc", "val_loss", *SPIKE_COST) if k in metrics}
-        self.tracker.log_metrics({**ordered, **{k: v for k, v in metrics.items() if "/" not in k}}, step=step)
+        self.tracker.log_metrics({**ordered, **{k: v for k, v in metrics.items() if "/" not in k}}, step=epoch)
         for table in (
             rate_table(history, self.out / "firing_rates.csv"),
             neuron_table(history, self.out / "neurons.csv"),
