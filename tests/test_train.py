@@ -49,7 +49,7 @@ def test_a_stop_file_saves_mid_epoch_and_the_resume_continues_exactly(tmp_path, 
 
     stop = tmp_path / "b" / "STOP"
     checks = []
-    real = training._Trainer._stop_requested
+    real = training.Trainer._stop_requested
 
     def appears_at_second_check(self):
         checks.append(1)
@@ -60,13 +60,13 @@ def test_a_stop_file_saves_mid_epoch_and_the_resume_continues_exactly(tmp_path, 
 
     full = train(tiny(tmp_path / "a", data_dir, epochs=2, patience=0, log_interval=3))
     cfg = tiny(tmp_path / "b", data_dir, epochs=2, patience=0, log_interval=3, stop_file=str(stop))
-    monkeypatch.setattr(training._Trainer, "_stop_requested", appears_at_second_check)
+    monkeypatch.setattr(training.Trainer, "_stop_requested", appears_at_second_check)
     with pytest.raises(training.Preempted) as info:
         train(cfg)
     assert (info.value.epoch, info.value.step) == (0, 6) and not stop.exists()
     saved = read_checkpoint(tmp_path / "b" / "out" / "checkpoints" / "last.pt")
     assert (saved["epoch"], saved["step"], saved["partial"][2]) == (0, 6, 6 * 32)
-    monkeypatch.setattr(training._Trainer, "_stop_requested", real)
+    monkeypatch.setattr(training.Trainer, "_stop_requested", real)
     resumed = train(cfg)
     assert resumed["epochs_run"] == full["epochs_run"] == 2
     a = read_checkpoint(tmp_path / "a" / "out" / "checkpoints" / "last.pt")

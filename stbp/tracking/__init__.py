@@ -11,6 +11,7 @@ from .runs import (
     experiment_id,
     git_commit,
     make_tracker,
+    open_training_run,
     resolve_tracking_uri,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "Tracker",
     "NullTracker",
     "make_tracker",
+    "open_training_run",
     "git_commit",
 ]

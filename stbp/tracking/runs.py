@@ -28,6 +28,7 @@ __all__ = [
     "Tracker",
     "NullTracker",
     "make_tracker",
+    "open_training_run",
 ]
 
 # Never log these as params or tags, wherever they come from.
@@ -236,3 +237,33 @@ def make_tracker(
         return Tracker(uri, experiment, run_id=run_id, run_name=run_name, tags=tags or {}, pending_path=pending_path)
     except Exception as e:
         raise TrackingError(f"cannot open MLflow run at {uri}: {type(e).__name__}: {e}") from e
+
+
+def open_training_run(
+    cfg, *, primary: bool, world_size: int, device: str, run_id: str | None, split_hash: str | None, out: Path
+) -> NullTracker:
+    """The tracker of a training run as this rank sees it: nothing off the ``primary`` rank; there, the MLflow run
+    ``run_id`` (a resume, a sweep's trial) or a new one, tagged with the code, torch, ``world_size`` and ``device``
+    (and ``cfg``'s tags), with ``cfg``'s fields as parameters. Where a run's records go (output and data directory,
+    the tracking settings) is tagged, not a parameter; the frame settings are parameters of event runs only, beside
+    their ``split_hash``, which names the exact train and test samples, so that only runs on one split compare."""
+    import torch
+
+    from ..config import BOOKKEEPING_FIELDS, flatten_config
+    from ..data import FRAME_FIELDS
+
+    if not primary:
+        return NullTracker()
+    t = cfg.tracking
+    tags = {"git_commit": git_commit() or "unknown", "torch_version": torch.__version__}
+    tags.update(world_size=str(world_size), device=device, **t.tags)
+    tracker = make_tracker(
+        t.mlflow, t.tracking_uri, t.experiment, run_id=run_id, run_name=t.run_name, tags=tags,
+        pending_path=out / "mlflow_pending.jsonl",
+    )  # fmt: skip
+    flat = flatten_config(cfg)
+    skip = BOOKKEEPING_FIELDS if split_hash else (*BOOKKEEPING_FIELDS, *FRAME_FIELDS)
+    params = {k: v for k, v in flat.items() if k not in skip}
+    tracker.log_params({**params, **({"split_hash": split_hash} if split_hash else {})})
+    tracker.set_tags({k: str(flat[k]) for k in ("output_dir", "data_dir") if flat[k] is not None})
+    return tracker
