@@ -71,7 +71,7 @@ def make_searcher(sweep: Sweep) -> ConcurrencyLimiter:
         "tpe": optuna.samplers.TPESampler,
         "nsga2": optuna.samplers.NSGAIISampler,
         "random": optuna.samplers.RandomSampler,
-        "grid": optuna.samplers.RandomSampler,  # never asked: the grid is the points to evaluate (Sweep._grid)
+        "grid": optuna.samplers.RandomSampler,  # never asked: the grid is the points to evaluate (Sweep._first_points)
     }[s.sampler]
     searcher = OptunaSearch(  # with several metrics, Optuna's study has one direction per metric
         space={name: p.distribution() for name, p in sweep.space.items()},

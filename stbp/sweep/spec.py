@@ -304,7 +304,7 @@ class Sweep:
 
     def _check_grid(self) -> None:
         """A grid searches choices only, and its points are every combination of them (the sampler is then never
-        asked), each once: :meth:`_first_points` fills them in."""
+        asked), each once: :meth:`Sweep._first_points` fills them in."""
         ranges = [n for n, p in self.space.items() if not isinstance(p, Choice)]
         if ranges:
             raise ValueError(f"space.{ranges[0]}: a grid needs choices, got {self.space[ranges[0]].describe()}")

@@ -44,7 +44,7 @@ class TrialPlan:
     repeats: int = 1  # trainings of every sampled point
 
 
-#: What the searcher (:class:`stbp.sweep.run.PointSearcher`) adds to a trial's sampled values.
+#: What the searcher (:class:`stbp.sweep.searcher.PointSearcher`) adds to a trial's sampled values.
 POINT_KEY, REPLICATE_KEY = "__point__", "__trial_index__"
 
 

@@ -1,7 +1,7 @@
 """What a training run publishes to its tracker (an MLflow run, or nothing): every epoch's metrics, firing-rate table,
 learned-neuron table and checkpoints; at the end the test metrics, the summary, the firing-rate and learned-neuron
-charts and the run's status; and best.pt
-in the Model Registry when asked. Training calls it on the primary rank only."""
+charts and the run's status; and best.pt in the Model Registry when asked. Training calls it on the primary rank
+only."""
 
 from __future__ import annotations
 
