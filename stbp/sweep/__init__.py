@@ -6,11 +6,16 @@
 
 The modules, each importing only those above it:
 
-    spec     the sweep file: its sections, loading and validation (no Ray, no MLflow)
-    record   the MLflow record: the parent run, a child run per trial, the Tune callback, rows read back
-    trial    the trial function (and its DDP variant under Ray Train)
-    report   the end of a sweep: CSV, table, plots, importances, best config
-    run      pre-flight checks, Ray, the searcher, the scheduler and the tuner: run_sweep
+    spec      the sweep file: its sections, loading and validation (no Ray, no MLflow)
+    record    the MLflow record: the parent run, a child run per trial, the Tune callback, rows read back
+    trial     the trial function (and its DDP variant under Ray Train)
+    searcher  Optuna under Ray Tune, every sampled point numbered and repeated
+    analysis  what the trials say: the working region, aa/v_th, the Pareto front (pure functions of the rows)
+    plots     the pictures: the landscape, one-parameter slices, the Pareto front
+    compare   learn or sweep: fixed against learned neurons, point by point
+    report    the end of a sweep: CSV, table, plots, importances, best config, the registered model
+    run       pre-flight checks, Ray, the searcher, the scheduler and the tuner: run_sweep
+    schema    the JSON Schemas of a training config file and of a sweep file, for editors
 """
 
 from .spec import METRICS, Sweep, SweepError, load_sweep, sweep_to_dict
