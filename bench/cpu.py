@@ -1,8 +1,8 @@
 """CPU benchmarks: training step of ResNet-19 (ours vs SpikingJelly 2.0 vs the reference structure), the data
 loader against the model, and DDP with 1 vs 2 processes. Prints markdown tables (pasted into BENCHMARKS.md).
 
-    python bench/cpu.py                      # default set, ~8 min on 2 quiet cores
-    python bench/cpu.py --quick              # smoke of every part, ~30 s on 2 quiet cores
+    python bench/cpu.py                      # default set: minutes on 2 quiet cores
+    python bench/cpu.py --quick              # smoke of every part: tiny sizes, 2 repeats; run it first
     python bench/cpu.py --configs 1.0:4:16:fp32:2 1.0:6:16:fp32:2 --skip-loader --skip-ddp
 
 A config is ``width:T:batch[:precision[:repeats]]``. Within a config the models run in alternation in this one
