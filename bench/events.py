@@ -5,7 +5,7 @@ long the ``nmnist_cpu`` preset takes an epoch on full-size N-MNIST-shaped data::
     .venv/bin/python bench/events.py nmnist-cpu [--work /tmp/nmnist-full]
 
 The files are written in the official formats by vectorised twins of the bit-exact writers in
-``tests/_event_files.py`` (those write one event at a time, too slow for millions), with events per sample of the
+``stbp/data/events/writers.py`` (those write one event at a time, too slow for millions), with events per sample of the
 real sets' order: N-MNIST 4,000 over 300 ms, a DVS128 Gesture gesture 250,000 over 6 s, a CIFAR10-DVS recording
 200,000 over 1.3 s. The product's readers check every event they read, so a wrong writer fails here, loudly.
 Prints Markdown rows for BENCHMARKS.md.
@@ -27,14 +27,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stbp.data.events import event_splits, find_cifar10_dvs, integrate_samples, sample_events  # noqa: E402
-from tests._event_files import (  # noqa: E402
-    AEDAT2_HEADER,
-    AEDAT31_HEADER,
-    CIFAR_CLASSES,
-    class_events,
-    write_gesture_labels,
+from stbp.data.events import (  # noqa: E402
+    CIFAR10_DVS_CLASSES,
+    event_splits,
+    find_cifar10_dvs,
+    integrate_samples,
+    sample_events,
 )
+from stbp.data.events.writers import AEDAT2_HEADER, AEDAT31_HEADER, class_events, write_gesture_labels  # noqa: E402
 
 # events per sample, duration (us); frame settings as the GPU presets use them
 SHAPES = {"nmnist": (4_000, 300_000), "dvs_gesture": (250_000, 6_000_000), "cifar10_dvs": (200_000, 1_300_000)}
@@ -105,7 +105,7 @@ def write_dvs_gesture(root: Path, users: int) -> None:
 
 def write_cifar10_dvs(root: Path, per_class: int) -> None:
     n, span = SHAPES["cifar10_dvs"]
-    for label, name in enumerate(CIFAR_CLASSES):
+    for label, name in enumerate(CIFAR10_DVS_CLASSES):
         folder = root / "CIFAR10DVS" / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):

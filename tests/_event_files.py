@@ -1,15 +1,10 @@
-"""Small event data sets written bit for bit in each official format and layout, straight from the formats'
-descriptions (one event at a time with struct and shifts), for the readers and for training runs on them.
+"""Small event data sets in each official layout, written in the official formats by
+:mod:`stbp.data.events.writers`, for the readers and for training runs on them; and damaged files and archives for
+the readers to refuse.
 
-- N-MNIST ``.bin``: 5-byte records x, y, p<<7 | ts[22:16], ts[15:8], ts[7:0] (Orchard et al. 2015, readme).
-- DVS128 Gesture ``.aedat``: AEDAT 3.1, a '#' text header up to '#!END-HEADER\\r\\n', then packets of a 28-byte
-  little-endian header and 8-byte polarity events (valid | p<<1 | y<<2 | x<<17, then the low 31 timestamp bits; the
-  bits above go in the packet's eventTSOverflow), plus a labels CSV per recording.
-- CIFAR10-DVS ``.aedat``: AEDAT 2.0, a '#' text header, then big-endian (address, timestamp) uint32 pairs with the
-  DVS128 address p | x<<1 | y_sensor<<8, where the sensor counts y from the bottom (y_sensor = 127 - y).
-
-Every class fires mostly in its own cell of a 4x4 grid over the sensor, so frames carry the class and a network
-can learn it. The builders return what each sample must read back as: {sample id: (events, label)}.
+Every class fires mostly in its own cell of a 4x4 grid over the sensor (:func:`~stbp.data.events.writers.class_events`),
+so frames carry the class and a network can learn it. The builders return what each sample must read back as:
+{sample id: (events, label)}.
 """
 
 from __future__ import annotations
@@ -23,86 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-EVENTS = np.dtype([("t", "<i8"), ("x", "<i2"), ("y", "<i2"), ("p", "i1")])
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-GESTURE_LIGHTINGS = ("fluorescent", "fluorescent_led", "lab", "led", "natural")
-
-
-def class_events(label: int, hw: tuple[int, int], n: int, t0: int, duration: int, seed: int) -> np.ndarray:
-    """``n`` events in time order over [t0, t0 + duration): 90% in the class's grid cell, the rest anywhere."""
-    rng = np.random.default_rng(seed)
-    height, width = hw
-    ch, cw = height // 4, width // 4
-    row, col = divmod(label % 16, 4)
-    ev = np.zeros(n, EVENTS)
-    ev["t"] = np.sort(rng.integers(t0, t0 + duration, n))
-    ev["x"] = col * cw + rng.integers(0, cw, n)
-    ev["y"] = row * ch + rng.integers(0, ch, n)
-    noise = rng.random(n) < 0.1
-    ev["x"][noise] = rng.integers(0, width, noise.sum())
-    ev["y"][noise] = rng.integers(0, height, noise.sum())
-    ev["p"] = rng.integers(0, 2, n)
-    return ev
-
-
-# The formats
-
-
-def nmnist_bytes(events: np.ndarray) -> bytes:
-    out = bytearray()
-    for t, x, y, p in events.tolist():
-        assert 0 <= t < 1 << 23 and 0 <= x < 256 and 0 <= y < 256 and p in (0, 1)
-        out += bytes([x, y, (p << 7) | (t >> 16), (t >> 8) & 0xFF, t & 0xFF])
-    return bytes(out)
-
-
-AEDAT31_HEADER = b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 1: DVS128\r\n#!END-HEADER\r\n"
-
-
-def aedat31_packet(event_type: int, events: list[bytes], overflow: int, valid: int) -> bytes:
-    size = len(events[0]) if events else 8
-    head = struct.pack("<hhiiiiii", event_type, 1, size, 4, overflow, len(events), len(events), valid)
-    return head + b"".join(events)
-
-
-def polarity_event(t: int, x: int, y: int, p: int, valid: bool = True) -> bytes:
-    return struct.pack("<II", int(valid) | p << 1 | y << 2 | x << 17, t & 0x7FFFFFFF)
-
-
-def aedat31_bytes(events: np.ndarray, per_packet: int = 64) -> bytes:
-    """Polarity packets of at most ``per_packet`` events (a new one where the timestamp overflow changes), each
-    with one invalid event at a bogus address, and a special-event packet (type 0) before each: both skipped."""
-    out = [AEDAT31_HEADER]
-    rows = events.tolist()
-    i = 0
-    while i < len(rows):
-        overflow = rows[i][0] >> 31
-        chunk = []
-        while i < len(rows) and len(chunk) < per_packet and rows[i][0] >> 31 == overflow:
-            chunk.append(rows[i])
-            i += 1
-        special = struct.pack("<II", 1 | 5 << 1, chunk[0][0] & 0x7FFFFFFF)
-        out.append(aedat31_packet(0, [special], overflow, 1))
-        body = [polarity_event(t, x, y, p) for t, x, y, p in chunk]
-        body.insert(len(body) // 2, polarity_event(chunk[0][0], 30000, 30000, 1, valid=False))
-        out.append(aedat31_packet(1, body, overflow, len(chunk)))
-    return b"".join(out)
-
-
-AEDAT2_HEADER = (
-    b"#!AER-DAT2.0\r\n"
-    b"# This is a raw AE data file - do not edit\r\n"
-    b"# Data format is int32 address, int32 timestamp (8 bytes total), repeated for each event\r\n"
-    b"# Timestamps tick is 1 us\r\n"
+from stbp.data.events.readers import CIFAR10_DVS_CLASSES
+from stbp.data.events.writers import (
+    aedat2_bytes,
+    aedat31_bytes,
+    aedat31_packet,
+    class_events,
+    nmnist_bytes,
+    polarity_event,
+    write_gesture_labels,
 )
 
-
-def aedat2_bytes(events: np.ndarray, external_at: int | None = 0) -> bytes:
-    """The records, with an external event (address bit 15) before event ``external_at``: it must be skipped."""
-    records = [struct.pack(">II", p | x << 1 | (127 - y) << 8, t) for t, x, y, p in events.tolist()]
-    if external_at is not None:
-        records.insert(external_at, struct.pack(">II", 1 << 15 | 3, 0))
-    return AEDAT2_HEADER + b"".join(records)
+GESTURE_LIGHTINGS = ("fluorescent", "fluorescent_led", "lab", "led", "natural")
 
 
 # The layouts
@@ -141,10 +68,6 @@ def gesture_recording(seed: int, n: int = 150) -> tuple[np.ndarray, list[tuple[i
     return np.concatenate(all_events), rows, owned
 
 
-def write_gesture_labels(path: Path, rows: list[tuple[int, int, int]]) -> None:
-    path.write_text("class,startTime_usec,endTime_usec\n" + "".join(f"{c},{s},{e}\n" for c, s, e in rows))
-
-
 def make_dvs_gesture(
     data_dir: Path, train_users: int = 2, test_users: int = 1, n: int = 150
 ) -> dict[str, tuple[np.ndarray, int]]:
@@ -168,7 +91,7 @@ def make_dvs_gesture(
 def make_cifar10_dvs(data_dir: Path, per_class: int = 4, n: int = 200) -> dict[str, tuple[np.ndarray, int]]:
     """``CIFAR10DVS/<class>/cifar10_<class>_<i>.aedat``, ``per_class`` recordings per class."""
     expected = {}
-    for label, name in enumerate(CIFAR_CLASSES):
+    for label, name in enumerate(CIFAR10_DVS_CLASSES):
         for i in range(per_class):
             rel = f"{name}/cifar10_{name}_{i}.aedat"
             ev = class_events(label, (128, 128), n, 5_000, 1_000_000, seed=label * 100 + i)

@@ -1,8 +1,8 @@
-"""Event-camera data end to end, on small files written in each official format (tests/_event_files.py): a short
-training run per data set learns the class-coded events, its checkpoint evaluates from the command line, the frame
-settings and the split hash reach MLflow, bad files and bad frame settings are refused before training, the data
-on the device is cropped and flipped alike over time and polarity, and a two-trial sweep runs on N-MNIST (fixed
-against learned thresholds, which its report compares)."""
+"""Event-camera data end to end, on small files written in each official format (stbp.data.events.writers, in the
+layouts of tests/_event_files.py): a short training run per data set learns the class-coded events, its checkpoint
+evaluates from the command line, the frame settings and the split hash reach MLflow, bad files and bad frame settings
+are refused before training, the data on the device is cropped and flipped alike over time and polarity, and a two-trial
+sweep runs on N-MNIST (fixed against learned thresholds, which its report compares)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""stbp.data.events on small files written in each official format (tests/_event_files.py): the readers event for event,
-the files they must refuse, frames, the frame cache, split hashes, the CIFAR10-DVS splits, layouts and archives."""
+"""stbp.data.events on small files written in each official format (stbp.data.events.writers, in the layouts of
+tests/_event_files.py): the readers event for event, the files they must refuse, frames, the frame cache, split hashes,
+the CIFAR10-DVS splits, layouts and archives."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from stbp.data import events as ev
+from stbp.data.events import writers
 from tests import _event_files as files
 
 READERS = {"nmnist": ev.read_nmnist, "dvs_gesture": ev.read_aedat31, "cifar10_dvs": ev.read_cifar10_dvs}
@@ -111,7 +113,7 @@ def test_malformed_files_are_refused_by_name_and_leave_no_cache(data_dir, tmp_pa
 def test_a_whole_missing_packet_body_and_a_missing_end_of_header_are_refused(data_dir):
     path = all_samples("dvs_gesture", data_dir)[0].path
     data = path.read_bytes()
-    path.write_bytes(data[: len(files.AEDAT31_HEADER) + 28 + 8 + 28 + 4])  # second packet's header, then 4 bytes
+    path.write_bytes(data[: len(writers.AEDAT31_HEADER) + 28 + 8 + 28 + 4])  # second packet's header, then 4 bytes
     with pytest.raises(ev.EventFormatError, match="truncated packet at"):
         ev.read_aedat31(path)
     path.write_bytes(data.replace(b"#!END-HEADER\r\n", b"#no end\r\n"))
@@ -296,7 +298,7 @@ def cifar_names(per_class: int) -> list[ev.Sample]:
     rng = np.random.default_rng(0)
     return [
         ev.Sample("cifar10_dvs", Path("/d"), f"{c}/cifar10_{c}_{i}.aedat", 0, label)
-        for label, c in enumerate(files.CIFAR_CLASSES)
+        for label, c in enumerate(ev.CIFAR10_DVS_CLASSES)
         for i in rng.permutation(per_class)
     ]
 
@@ -336,7 +338,7 @@ def test_official_archives_are_extracted_in_place(written, tmp_path):
     (data / "DVSGesture").mkdir()
     files.tar_folder(src / "DVSGesture" / "DvsGesture", data / "DVSGesture" / "DvsGesture.tar.gz")
     (data / "CIFAR10DVS").mkdir()
-    for i, c in enumerate(files.CIFAR_CLASSES):  # half the archives hold the class folder, half their files alone
+    for i, c in enumerate(ev.CIFAR10_DVS_CLASSES):  # half the archives hold the class folder, half their files alone
         files.zip_folder(src / "CIFAR10DVS" / c, data / "CIFAR10DVS" / f"{c}.zip", top=c if i % 2 else None)
     for name in ("nmnist", "dvs_gesture", "cifar10_dvs"):
         samples = all_samples(name, data)

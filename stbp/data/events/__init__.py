@@ -1,5 +1,6 @@
 """Event-camera data sets: readers of the official files (:mod:`.readers`), frames and their cache (:mod:`.frames`),
-layouts and splits (:mod:`.layout`).
+layouts and splits (:mod:`.layout`); writers of the official formats (:mod:`.writers`, imported by name: tests,
+benchmarks and demonstration sets write files in them).
 
     NMNIST/{Train,Test}/<digit>/<id>.bin                                              nmnist
     DVSGesture/DvsGesture/userNN_<lighting>.aedat, _labels.csv, trials_to_{train,test}.txt   dvs_gesture
