@@ -1,16 +1,37 @@
-"""The spiking core: the neuron (:mod:`.neuron`), threshold-dependent batch norm (:mod:`.tdbn`), the spike
-convolution (:mod:`.conv`), the network (:mod:`.model`), the learned neurons' records (:mod:`.learned`) and firing
-rates and spike cost (:mod:`.monitor`). Needs only torch; knows nothing of data, training or tracking."""
+"""The spiking core: what a neuron is (:mod:`.spec`), the neuron (:mod:`.neuron`), threshold-dependent batch norm
+(:mod:`.tdbn`), the spike convolution (:mod:`.conv`), the network (:mod:`.model`), the learned neurons' records
+(:mod:`.learned`) and firing rates and spike cost (:mod:`.monitor`). Needs only torch; knows nothing of data,
+training or tracking.
 
-from .model import SpikingResNet, resnet19
-from .monitor import FiringRateMonitor
-from .neuron import LIF, lif_fused, lif_reference, spike
-from .tdbn import TdBN, convert_sync_tdbn
+The names below load on first use (PEP 562), so that the config can read :mod:`.spec` without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import SpikingResNet, resnet19
+    from .monitor import FiringRateMonitor
+    from .neuron import LIF, lif_fused, lif_reference, spike
+    from .spec import REFERENCE, NeuronSpec
+    from .tdbn import TdBN, convert_sync_tdbn
+
+_HOME = {
+    **dict.fromkeys(["SpikingResNet", "resnet19"], ".model"),
+    **dict.fromkeys(["FiringRateMonitor"], ".monitor"),
+    **dict.fromkeys(["LIF", "lif_fused", "lif_reference", "spike"], ".neuron"),
+    **dict.fromkeys(["REFERENCE", "NeuronSpec"], ".spec"),
+    **dict.fromkeys(["TdBN", "convert_sync_tdbn"], ".tdbn"),
+}
 
 __all__ = [
     "LIF",
+    "REFERENCE",
     "TdBN",
     "FiringRateMonitor",
+    "NeuronSpec",
     "SpikingResNet",
     "convert_sync_tdbn",
     "lif_fused",
@@ -18,3 +39,16 @@ __all__ = [
     "resnet19",
     "spike",
 ]
+assert sorted(__all__) == sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
