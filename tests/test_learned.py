@@ -43,7 +43,7 @@ def test_fused_lif_learns_v_th_and_tau_as_autograd_through_the_plain_loop(granul
     rounding (they are sums taken in another order)."""
     results = []
     for fast in (True, False):
-        lif = LIF(0.5, 0.3, 0.4, fast=fast, learn_tau=True, learn_v_th=True, v_th_granularity=granularity,
+        lif = LIF(v_th=0.5, aa=0.3, tau=0.4, fast=fast, learn_tau=True, learn_v_th=True, v_th_granularity=granularity,
                   aa_mode=aa_mode, channels=5).double()  # fmt: skip
         with torch.no_grad():  # thresholds away from their start, so that aa_mode matters
             lif.log_v_th.add_(torch.linspace(-0.3, 0.3, lif.log_v_th.numel()).view(lif.log_v_th.shape).double())
@@ -59,7 +59,7 @@ def test_fused_lif_learns_v_th_and_tau_as_autograd_through_the_plain_loop(granul
     torch.testing.assert_close(gt1, gt2, rtol=1e-12, atol=1e-12)
 
 
-def test_threshold_and_time_constant_gradients_match_the_closed_forms_of_two_steps():
+def test_threshold_and_decay_gradients_match_the_closed_forms_of_two_steps():
     """T = 2, one neuron: u0 = x0, u1 = tau*u0*(1 - o0) + x1, loss = o0 + 2*o1. With s = 1[|u - v| < aa] / (2aa):
     dL/dv = -(s0*(1 - 2*tau*u0*s1) + 2*s1) (o0's gradient gets the reset path), dL/dtau = 2*s1*u0*(1 - o0)."""
     v, aa, tau = 0.5, 0.4, 0.25
@@ -82,7 +82,7 @@ def test_threshold_and_time_constant_gradients_match_the_closed_forms_of_two_ste
 
 def test_relative_aa_moves_the_window_with_the_learned_threshold():
     """A threshold learned to twice its start: 'relative' doubles the half-width (and halves the height)."""
-    lif = LIF(0.5, 0.2, 0.5, learn_v_th=True, aa_mode="relative")
+    lif = LIF(v_th=0.5, aa=0.2, tau=0.5, learn_v_th=True, aa_mode="relative")
     with torch.no_grad():
         lif.log_v_th.fill_(math.log(1.0))
     grads = []
@@ -92,7 +92,7 @@ def test_relative_aa_moves_the_window_with_the_learned_threshold():
         grads.append(x.grad.item())
     # window |u - 1.0| < 0.4, height 1 / 0.8
     assert grads == pytest.approx([1.25, 1.25, 1.25, 0.0]) and grads[0] == pytest.approx(1 / (2 * 0.4))
-    fixed = LIF(0.5, 0.2, 0.5, learn_v_th=True, aa_mode="fixed")
+    fixed = LIF(v_th=0.5, aa=0.2, tau=0.5, learn_v_th=True, aa_mode="fixed")
     with torch.no_grad():
         fixed.log_v_th.fill_(0.0)
     x = torch.tensor([[0.65]], requires_grad=True)
@@ -101,12 +101,12 @@ def test_relative_aa_moves_the_window_with_the_learned_threshold():
 
 
 def test_the_parametrisations_keep_tau_in_0_1_and_v_th_positive():
-    lif = LIF(0.4, 0.5, 0.25, learn_tau=True, learn_v_th=True)
-    assert lif.time_constant().item() == pytest.approx(0.25) and lif.threshold().item() == pytest.approx(0.4)
+    lif = LIF(v_th=0.4, aa=0.5, tau=0.25, learn_tau=True, learn_v_th=True)
+    assert lif.decay().item() == pytest.approx(0.25) and lif.threshold().item() == pytest.approx(0.4)
     with torch.no_grad():
         lif.tau_logit.fill_(60.0)
         lif.log_v_th.fill_(-60.0)
-    assert 0 < lif.time_constant().item() <= 1 and lif.threshold().item() > 0
+    assert 0 < lif.decay().item() <= 1 and lif.threshold().item() > 0
     with pytest.raises(ValueError, match="tau < 1"):
         LIF(tau=1.0, learn_tau=True)
     with pytest.raises(ConfigError, match="model.tau must be < 1 with learn_tau.*1.0"):
@@ -117,7 +117,7 @@ def test_the_parametrisations_keep_tau_in_0_1_and_v_th_positive():
 
 
 def test_tdbn_normalises_to_alpha_times_the_learned_threshold_per_channel():
-    bn = TdBN(3, v_th=0.4, alpha=0.5).double()
+    bn = TdBN(3, alpha=0.5).double()
     v = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64, requires_grad=True)
     x = torch.randn(64, 3, 4, 4, dtype=torch.float64) * 5 + 2
     y = bn(x, v)
@@ -128,7 +128,7 @@ def test_tdbn_normalises_to_alpha_times_the_learned_threshold_per_channel():
     (y * w).sum().backward()
     x_hat = (y / (0.5 * v.view(3, 1, 1))).detach()  # bias 0, weight 1
     torch.testing.assert_close(v.grad, 0.5 * (x_hat * w).sum((0, 2, 3)), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(bn(x), bn(x, torch.tensor(0.4, dtype=torch.float64)), rtol=0, atol=0)
+    torch.testing.assert_close(bn(x, 0.4), bn(x, torch.tensor(0.4, dtype=torch.float64)), rtol=0, atol=0)
 
 
 def test_the_models_rates_are_the_monitors_and_the_penalty_is_its_formula():

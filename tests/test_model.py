@@ -51,23 +51,46 @@ def test_width_scales_every_convolution_but_not_the_spiking_fc_layer():
 
 
 def test_resnet19_takes_spikingresnets_own_options_and_a_checkpoints_stored_ones():
-    from stbp.core.model import resnet19_options
-    from stbp.train.checkpoint import build_model_from_checkpoint
+    from stbp.core.spec import FIELDS as NEURON_FIELDS
+    from stbp.train.checkpoint import NETWORK_KWARGS, build_model_from_checkpoint
 
     m = resnet19(width=0.0625, hidden=32, v_th=0.3, readout="spikes")
-    assert (m.fc1.out_features, m.readout, m.lif1.v_th) == (32, "spikes", 0.3)
-    neuron_and_io = {"hidden", "num_classes", "in_channels", "timesteps", "v_th", "aa", "tau", "readout", "fast_lif"}
+    assert (m.fc1.out_features, m.readout, m.lif1.spec.v_th) == (32, "spikes", 0.3)
+    neuron_and_io = {"hidden", "num_classes", "in_channels", "timesteps", "v_th", "aa", "tau", "readout", "fast"}
     neuron_and_io |= {"learn_tau", "learn_v_th", "v_th_granularity", "aa_mode"}
-    assert set(resnet19_options()) == {"width"} | neuron_and_io
+    assert {"width", *NETWORK_KWARGS, *NEURON_FIELDS} == {"width"} | neuron_and_io
     with pytest.raises(TypeError):
         resnet19(width=0.0625, stem_channels=8)  # the layout is width's
-    # What checkpoints hold under model_kwargs, plus a key the model does not take: it is left out.
-    stored = dict(num_classes=10, in_channels=1, timesteps=2, v_th=0.3, aa=0.5, tau=0.25, width=0.0625)
-    stored |= dict(readout="spikes", fast_lif=True, sync_bn=False)
-    trained = resnet19(**{k: v for k, v in stored.items() if k != "sync_bn"})
-    rebuilt = build_model_from_checkpoint({"model_kwargs": stored, "model": trained.state_dict()}).eval()
+    # What checkpoints hold under model_kwargs, plus a key the model does not take: it is left out. Before
+    # NeuronSpec they held its fields flat (fast_lif for fast); now under "neuron".
+    io = dict(num_classes=10, in_channels=1, timesteps=2, width=0.0625, readout="spikes")
+    old = io | dict(v_th=0.3, aa=0.5, tau=0.25, fast_lif=True, sync_bn=False)
+    new = io | dict(neuron=dict(v_th=0.3, aa=0.5, tau=0.25, fast=True), sync_bn=False)
+    trained = resnet19(**io, v_th=0.3, aa=0.5, tau=0.25, fast=True)
     x = torch.randn(2, 1, 28, 28)
-    torch.testing.assert_close(rebuilt(x), trained.eval()(x))
+    for stored in (old, new):
+        rebuilt = build_model_from_checkpoint({"model_kwargs": stored, "model": trained.state_dict()}).eval()
+        assert rebuilt.lif1.spec == trained.lif1.spec
+        torch.testing.assert_close(rebuilt(x), trained.eval()(x))
+
+
+def test_every_spiking_layer_gets_the_one_neuron_spec():
+    from stbp import NeuronSpec, SpikingResNet
+    from stbp.core.spec import REFERENCE
+
+    spec = NeuronSpec(v_th=0.3, aa=0.2, learn_v_th=True, v_th_granularity="channel")
+    for m in (resnet19(width=0.0625, neuron=spec, readout="spikes"), resnet19(width=0.0625, neuron=vars(spec))):
+        lifs = [lif for lif in m.modules() if isinstance(lif, LIF)]
+        assert all(lif.spec == spec for lif in lifs) and len({id(lif.spec) for lif in lifs}) == 1
+    assert resnet19(width=0.0625).lif1.spec is REFERENCE
+    assert resnet19(width=0.0625, neuron=spec, tau=0.5).lif1.spec == NeuronSpec(0.3, 0.2, 0.5, learn_v_th=True,
+        v_th_granularity="channel")  # fmt: skip
+    with pytest.raises(TypeError, match="NeuronSpec"):
+        resnet19(width=0.0625, neuron=0.3)
+    with pytest.raises(TypeError, match="NeuronSpec"):
+        SpikingResNet(neuron={"v_th": 0.3})
+    with pytest.raises(ValueError, match="v_th must be > 0, got -1.0"):
+        resnet19(width=0.0625, v_th=-1)
 
 
 def test_mean_readout_is_time_mean_of_last_layer():
@@ -81,7 +104,7 @@ def test_mean_readout_is_time_mean_of_last_layer():
 def test_fast_and_plain_lif_models_agree():
     torch.manual_seed(0)
     fast = resnet19(width=0.0625)
-    plain = resnet19(width=0.0625, fast_lif=False)
+    plain = resnet19(width=0.0625, fast=False)
     plain.load_state_dict(fast.state_dict())
     x = torch.randn(4, 1, 28, 28)
     yf, yp = fast(x), plain(x)
@@ -105,7 +128,7 @@ def test_two_models_with_different_thresholds_live_in_one_process():
     with FiringRateMonitor(a) as ma, FiringRateMonitor(b) as mb:
         a(x), b(x)
         ra, rb = ma.rates(), mb.rates()
-    assert {lif.v_th for lif in a.modules() if isinstance(lif, LIF)} == {0.2}
+    assert {lif.spec.v_th for lif in a.modules() if isinstance(lif, LIF)} == {0.2}
     assert ra["lif1"] != rb["lif1"]
 
 
@@ -194,20 +217,25 @@ def test_spike_cost_counts_every_synaptic_operation_like_an_im2col_count(amp):
 
 
 def test_the_model_config_and_the_model_agree_on_every_option_and_default():
-    """The network's options are declared by SpikingResNet (and resnet19's width); ModelConfig adds their types,
-    ranges and docs. A default changed on one side only would make `resnet19()` and the config's network differ."""
-    import inspect
+    """The network's options are declared by SpikingResNet (and resnet19's width), the neuron's by NeuronSpec;
+    ModelConfig adds their types, ranges and docs. A default changed on one side only would make `resnet19()` and
+    the config's network differ."""
+    from stbp.config import Config, ModelConfig
+    from stbp.core.spec import REFERENCE
+    from stbp.train.checkpoint import FLAT_NEURON_KWARGS, NETWORK_KWARGS, model_kwargs
 
-    from stbp.config import ModelConfig
-    from stbp.core.model import SpikingResNet, resnet19_options
-
-    defaults = {n: p.default for n, p in inspect.signature(SpikingResNet.__init__).parameters.items()}
-    defaults["width"] = inspect.signature(resnet19).parameters["width"].default
     config = ModelConfig()
-    shared = [name for name in resnet19_options() if hasattr(config, name)]
-    assert set(resnet19_options()) - set(shared) == {"hidden"}  # a layout detail no config sets
-    assert set(ModelConfig.__pydantic_fields__) - set(shared) == {"sync_bn"}  # DDP's, not the network's
-    assert {n: getattr(config, n) for n in shared} == {n: defaults[n] for n in shared}
+    shared = [name for name in NETWORK_KWARGS if hasattr(config, name)]
+    assert set(NETWORK_KWARGS) - set(shared) == {"hidden"}  # a layout detail no config sets
+    assert set(ModelConfig.__pydantic_fields__) - set(shared) - set(FLAT_NEURON_KWARGS) == {"sync_bn"}  # DDP's
+    assert config.neuron == REFERENCE
+    torch.manual_seed(0)
+    default = resnet19()
+    torch.manual_seed(0)
+    configured = resnet19(**model_kwargs(Config()))
+    assert repr(configured) == repr(default)  # every layer's size, alpha and neuron
+    assert (configured.timesteps, configured.readout) == (default.timesteps, default.readout)
+    assert configured.lif1.spec == default.lif1.spec
 
 
 # ---------------------------------------------------------------- event frames
@@ -220,7 +248,7 @@ def test_event_frames_run_the_stem_at_every_step_as_by_hand():
     frames = torch.log1p(torch.randint(0, 3, (4, 3, 2, 16, 16)).float())
     with torch.no_grad():
         x = torch.cat([m.conv1(frames[:, t]) for t in range(3)])  # [T*N, ...], time-major as the LIFs unfold it
-        x, mask = m.lif1.forward_folded(m.bn1(x), 3, return_mask=True)
+        x, mask = m.lif1.forward_folded(m.bn1(x, m.lif1.threshold()), 3, return_mask=True)
         for stage in m.stages:
             for block in stage:
                 x, mask = block(x, mask)

@@ -1,9 +1,12 @@
 """The STBP spike function and the LIF layer against hand-computed and analytic oracles."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from stbp import LIF, lif_fused, lif_reference, spike
+from stbp import LIF, NeuronSpec, lif_fused, lif_reference, spike
+from stbp.core.spec import REFERENCE
 
 
 @pytest.mark.parametrize(
@@ -148,3 +151,50 @@ def test_the_mask_is_the_layers_own_bool_copy_of_its_spikes():
         assert lif(x, return_mask=True)[1] is None  # inference keeps nothing to share
     folded, folded_mask = lif.forward_folded(x.reshape(12, 5), 3, return_mask=True)
     assert torch.equal(folded_mask, folded.bool()) and folded.shape == (12, 5)
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(v_th=-0.1), "v_th must be > 0, got -0.1"),
+        (dict(v_th=0), "v_th must be > 0, got 0.0"),
+        (dict(aa=0.0), "aa must be > 0, got 0.0"),
+        (dict(tau=0), "tau must be in (0, 1], got 0.0"),
+        (dict(tau=1.5), "tau must be in (0, 1], got 1.5"),
+        (dict(tau=1.0, learn_tau=True), "learn_tau needs tau < 1 (tau = sigmoid(w) never reaches 1), got tau=1.0"),
+        (dict(v_th_granularity="layers"), "v_th_granularity must be one of ('layer', 'channel'), got 'layers'"),
+        (dict(aa_mode="scaled"), "aa_mode must be one of ('fixed', 'relative'), got 'scaled'"),
+        (dict(v_th="0.4"), "v_th must be a number, got '0.4'"),
+    ],
+)
+def test_a_neuron_spec_names_the_field_and_the_value_it_refuses(fields, message):
+    with pytest.raises(ValueError) as err:
+        NeuronSpec(**fields)
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        dataclasses.replace(REFERENCE, **fields)  # a derived spec is checked too
+
+
+def test_the_reference_spec_is_the_default_frozen_and_its_numbers_are_floats():
+    assert REFERENCE == NeuronSpec() and (REFERENCE.v_th, REFERENCE.aa, REFERENCE.tau) == (0.4, 0.5, 0.25)
+    assert (REFERENCE.fast, REFERENCE.learn_tau, REFERENCE.learn_v_th) == (True, False, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        REFERENCE.v_th = 0.3  # type: ignore[misc]
+    spec = NeuronSpec(v_th=1, aa=1, tau=1)
+    assert all(type(v) is float for v in (spec.v_th, spec.aa, spec.tau)) and spec == NeuronSpec(1.0, 1.0, 1.0)
+
+
+def test_lif_fields_are_overrides_of_its_spec():
+    lif = LIF(v_th=0.3)
+    assert lif.spec == dataclasses.replace(REFERENCE, v_th=0.3) == LIF(dataclasses.replace(REFERENCE, v_th=0.3)).spec
+    assert LIF().spec is REFERENCE and LIF(NeuronSpec(aa=0.2), tau=0.5).spec == NeuronSpec(aa=0.2, tau=0.5)
+    assert (lif.threshold(), lif.decay()) == (0.3, 0.25)  # fixed: the spec's numbers
+    with pytest.raises(TypeError, match="NeuronSpec"):
+        LIF(0.3)  # the old positional v_th
+    with pytest.raises(TypeError):
+        LIF(v_threshold=0.3)
+    with pytest.raises(ValueError, match="needs the layer's channels"):
+        LIF(learn_v_th=True, v_th_granularity="channel")

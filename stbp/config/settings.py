@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, TypeAdapter
 
+from ..core.spec import REFERENCE, AaMode, Granularity, NeuronSpec
 from ..data.catalog import DATASETS, dataset_defaults
 from .validation import Bool, ConfigError, Float, Int, Str, did_you_mean, load_yaml, parse_yaml, section, validate
 
@@ -40,11 +41,11 @@ class ModelConfig:
     """Number of output classes."""
     timesteps: AtLeast1 = 2
     """Simulation timesteps T per input."""
-    v_th: Positive = 0.4
+    v_th: Positive = REFERENCE.v_th
     """LIF firing threshold."""
-    aa: Positive = 0.5
+    aa: Positive = REFERENCE.aa
     """Surrogate-gradient half-width (rectangular window around v_th)."""
-    tau: Annotated[Float, Field(gt=0, le=1)] = 0.25
+    tau: Annotated[Float, Field(gt=0, le=1)] = REFERENCE.tau
     """Membrane decay factor in (0, 1]."""
     width: Positive = 1.0
     """Channel-width multiplier."""
@@ -52,16 +53,31 @@ class ModelConfig:
     """Output readout: 'mean' (mean membrane/logit over T) or 'spikes' (spike counts)."""
     sync_bn: Bool = False
     """Synchronise tdBN statistics across DDP ranks."""
-    fast_lif: Bool = True
+    fast_lif: Bool = REFERENCE.fast
     """Use the fused/fast LIF implementation."""
-    learn_tau: Bool = False
+    learn_tau: Bool = REFERENCE.learn_tau
     """Learn each spiking layer's tau (PLIF: tau = sigmoid(w), starting at tau; needs tau < 1)."""
-    learn_v_th: Bool = False
+    learn_v_th: Bool = REFERENCE.learn_v_th
     """Learn the thresholds (v_th = exp(q), starting at v_th); tdBN's target alpha*v_th follows them."""
-    v_th_granularity: Literal["layer", "channel"] = "layer"
+    v_th_granularity: Granularity = REFERENCE.v_th_granularity
     """learn_v_th: one threshold per spiking layer, or one per channel."""
-    aa_mode: Literal["fixed", "relative"] = "fixed"
+    aa_mode: AaMode = REFERENCE.aa_mode
     """learn_v_th: 'fixed' keeps the surrogate half-width aa; 'relative' scales it with the learned threshold."""
+
+    @property
+    def neuron(self) -> NeuronSpec:
+        """The neuron fields as the network takes them (:class:`stbp.core.spec.NeuronSpec`; ``fast_lif`` is its
+        ``fast``)."""
+        return NeuronSpec(
+            v_th=self.v_th,
+            aa=self.aa,
+            tau=self.tau,
+            fast=self.fast_lif,
+            learn_tau=self.learn_tau,
+            learn_v_th=self.learn_v_th,
+            v_th_granularity=self.v_th_granularity,
+            aa_mode=self.aa_mode,
+        )
 
 
 @section

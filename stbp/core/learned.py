@@ -29,7 +29,7 @@ def learned_neurons(model: nn.Module) -> dict[str, dict[str, float]]:
             continue
         with torch.no_grad():
             v_th = torch.as_tensor(lif.threshold(), dtype=torch.float64)
-            values = {"v_th": float(v_th.mean()), "tau": float(lif.time_constant())}
+            values = {"v_th": float(v_th.mean()), "tau": float(lif.decay())}
             if v_th.dim() == 1:
                 values.update(v_th_min=float(v_th.min()), v_th_max=float(v_th.max()))
         out[name] = values
@@ -43,7 +43,7 @@ def learned_means(model: nn.Module) -> dict[str, float]:
     out = {}
     with torch.no_grad():
         thresholds = [lif.threshold().double().mean() for lif in lifs if lif.log_v_th is not None]
-        taus = [lif.time_constant().double() for lif in lifs if lif.tau_logit is not None]
+        taus = [lif.decay().double() for lif in lifs if lif.tau_logit is not None]
         for name, values in (("v_th_mean", thresholds), ("tau_mean", taus)):
             if values:
                 out[name] = float(torch.stack(values).mean())
@@ -78,7 +78,7 @@ def neuron_table(history: list[dict[str, float]], path: str | Path) -> Path | No
 
 
 def neuron_chart(history: list[dict[str, float]], path: str | Path) -> Path | None:
-    """The learned threshold and time constant of every layer against the epoch (two panels, PNG), or None when
+    """The learned threshold and decay factor of every layer against the epoch (two panels, PNG), or None when
     nothing is learned or matplotlib is missing."""
     layers = _layers(history, "v_th")
     if not layers:
@@ -98,7 +98,7 @@ def neuron_chart(history: list[dict[str, float]], path: str | Path) -> Path | No
         for ax, kind in zip(axes, ("v_th", "tau")):
             ax.plot(epochs, [m.get(f"{kind}/{layer}", float("nan")) for m in history], color=colour, label=layer)
     axes[0].set(xlabel="epoch", ylabel="v_th (mean over channels)", title="Learned threshold per layer")
-    axes[1].set(xlabel="epoch", ylabel="tau", title="Learned time constant per layer")
+    axes[1].set(xlabel="epoch", ylabel="tau", title="Learned decay factor per layer")
     axes[1].legend(fontsize=6, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,19 +1,21 @@
 """Spiking ResNet-19 (tdBN paper, Zheng et al. 2021, table 5) built from :class:`LIF` and :class:`TdBN`.
 
+The neuron's road: one :class:`~stbp.core.spec.NeuronSpec` (``neuron``, the reference one by default) is given to
+:func:`resnet19` (or its fields one by one, as overrides), then to :class:`SpikingResNet`, every
+:class:`BasicBlock` and every ``LIF(neuron, channels)``. Each tdBN is normalised to the threshold of the LIF it
+drives, read from that LIF (``lif.threshold()``) at every forward: the fixed ``v_th``, or the learned one.
+
 Shapes: images ``[N, C, H, W]`` are repeated over ``T`` time steps (direct encoding); event frames
 ``[N, T, C, H, W]`` bring a new input at every step. Every convolution and tdBN sees ``[T*N, C, H, W]`` with time
 folded into the batch; each LIF unfolds it to ``[T, N, ...]`` by a view.
 The logits ``[N, num_classes]`` are the mean over time of the last linear layer (``readout="mean"``), or
 the firing rate of a spiking output layer (``readout="spikes"``, the reference's behaviour, whose logits at T=2
 can only be 0, 0.5 or 1).
-
-Learned neurons (``learn_tau``, ``learn_v_th``; :mod:`stbp.core.neuron`): every LIF layer has its own, and each tdBN is
-normalised to the learned threshold of the LIF layer it drives.
 """
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,21 +23,16 @@ from torch import Tensor, nn
 
 from .conv import SpikeConv2d
 from .neuron import LIF
+from .spec import FIELDS, REFERENCE, NeuronSpec
 from .tdbn import RESIDUAL_ALPHA, TdBN
 
-__all__ = ["BasicBlock", "SpikingResNet", "channels_last", "resnet19", "resnet19_options"]
+__all__ = ["BasicBlock", "SpikingResNet", "channels_last", "resnet19"]
 
 
 def channels_last(x: Tensor) -> Tensor:
     """Images ``[N, C, H, W]`` in the channels-last layout of the model's weights; event frames ``[N, T, C, H, W]``
     as they are (the model lays them out once it has folded time into the batch)."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-def _target(lif: LIF) -> Tensor | None:
-    """The learned threshold that a tdBN driving ``lif`` normalises to (None: its own fixed v_th)."""
-    v_th = lif.threshold()
-    return v_th if isinstance(v_th, Tensor) else None
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -53,22 +50,21 @@ class BasicBlock(nn.Module):
     convolution here sees spikes, so each is a :class:`SpikeConv2d` (its input saved as bool for backward).
     """
 
-    def __init__(self, cin: int, cout: int, stride: int, timesteps: int, neuron: dict):
+    def __init__(self, cin: int, cout: int, stride: int, timesteps: int, neuron: NeuronSpec):
         super().__init__()
-        v_th = neuron["v_th"]
         self.timesteps = timesteps
         self.conv1 = _spike_conv3x3(cin, cout, stride)
-        self.bn1 = TdBN(cout, v_th=v_th)
-        self.lif1 = LIF(**neuron, channels=cout)
+        self.bn1 = TdBN(cout)
+        self.lif1 = LIF(neuron, channels=cout)
         self.conv2 = _spike_conv3x3(cout, cout)
-        self.bn2 = TdBN(cout, v_th=v_th, alpha=RESIDUAL_ALPHA)
+        self.bn2 = TdBN(cout, alpha=RESIDUAL_ALPHA)
         self.shortcut = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
                 SpikeConv2d(cin, cout, 1, stride=stride),
-                TdBN(cout, v_th=v_th, alpha=RESIDUAL_ALPHA),
+                TdBN(cout, alpha=RESIDUAL_ALPHA),
             )
-        self.lif2 = LIF(**neuron, channels=cout)
+        self.lif2 = LIF(neuron, channels=cout)
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, rates: list[Tensor] | None = None
@@ -78,17 +74,17 @@ class BasicBlock(nn.Module):
         of its input rather than a second one. ``rates``: a list the two LIF layers' mean firing rates are added to
         (differentiable, on the device)."""
         out, out_mask = self.lif1.forward_folded(
-            self.bn1(self.conv1(x, mask), _target(self.lif1)), self.timesteps, return_mask=True
+            self.bn1(self.conv1(x, mask), self.lif1.threshold()), self.timesteps, return_mask=True
         )
         if rates is not None:
             rates.append(out.mean(dtype=torch.float32))
-        target = _target(self.lif2)
-        out = self.bn2(self.conv2(out, out_mask), target)
+        v_th = self.lif2.threshold()  # the sum of both branches drives lif2
+        out = self.bn2(self.conv2(out, out_mask), v_th)
         if isinstance(self.shortcut, nn.Identity):
             out = out + x
         else:
             conv, bn = self.shortcut
-            out = out + bn(conv(x, mask), target)
+            out = out + bn(conv(x, mask), v_th)
         out, out_mask = self.lif2.forward_folded(out, self.timesteps, return_mask=True)
         if rates is not None:
             rates.append(out.mean(dtype=torch.float32))
@@ -96,7 +92,8 @@ class BasicBlock(nn.Module):
 
 
 class SpikingResNet(nn.Module):
-    """Stem conv, three stages of :class:`BasicBlock`, global average pool, FC-LIF, FC."""
+    """Stem conv, three stages of :class:`BasicBlock`, global average pool, FC-LIF, FC; every spiking layer is a
+    ``LIF(neuron, channels)``."""
 
     def __init__(
         self,
@@ -106,28 +103,21 @@ class SpikingResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 1,
         timesteps: int = 2,
-        v_th: float = 0.4,
-        aa: float = 0.5,
-        tau: float = 0.25,
+        neuron: NeuronSpec = REFERENCE,
         readout: str = "mean",
-        fast_lif: bool = True,
-        learn_tau: bool = False,
-        learn_v_th: bool = False,
-        v_th_granularity: str = "layer",
-        aa_mode: str = "fixed",
     ):
         super().__init__()
         if readout not in ("mean", "spikes"):
             raise ValueError(f"readout must be 'mean' or 'spikes', got {readout!r}")
         if timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-        neuron = dict(v_th=v_th, aa=aa, tau=tau, fast=fast_lif, learn_tau=learn_tau, learn_v_th=learn_v_th)
-        neuron.update(v_th_granularity=v_th_granularity, aa_mode=aa_mode)
+        if not isinstance(neuron, NeuronSpec):
+            raise TypeError(f"neuron must be a NeuronSpec, got {neuron!r}")
         self.timesteps = timesteps
         self.readout = readout
         self.conv1 = _conv3x3(in_channels, stem_channels)
-        self.bn1 = TdBN(stem_channels, v_th=v_th)
-        self.lif1 = LIF(**neuron, channels=stem_channels)
+        self.bn1 = TdBN(stem_channels)
+        self.lif1 = LIF(neuron, channels=stem_channels)
         cin = stem_channels
         self.stages = nn.ModuleList()
         for cout, blocks, stride in stages:
@@ -138,9 +128,9 @@ class SpikingResNet(nn.Module):
             self.stages.append(nn.Sequential(*layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(cin, hidden)
-        self.lif_fc1 = LIF(**neuron, channels=hidden)
+        self.lif_fc1 = LIF(neuron, channels=hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
-        self.lif_out = LIF(**neuron, channels=num_classes) if readout == "spikes" else None
+        self.lif_out = LIF(neuron, channels=num_classes) if readout == "spikes" else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -166,7 +156,7 @@ class SpikingResNet(nn.Module):
         steps, n = self.timesteps, images.shape[0]
         seen: list[Tensor] | None = [] if rates else None
         x = self._stem(images)
-        x, mask = self.lif1.forward_folded(self.bn1(x, _target(self.lif1)), steps, return_mask=True)
+        x, mask = self.lif1.forward_folded(self.bn1(x, self.lif1.threshold()), steps, return_mask=True)
         if seen is not None:
             seen.append(x.mean(dtype=torch.float32))
         for stage in self.stages:
@@ -200,30 +190,28 @@ class SpikingResNet(nn.Module):
         return x.unsqueeze(0).expand(steps, *x.shape).flatten(0, 1)
 
 
-def resnet19(width: float = 1.0, **options: Any) -> SpikingResNet:
+def resnet19(
+    width: float = 1.0, *, neuron: NeuronSpec | Mapping[str, Any] | None = None, **options: Any
+) -> SpikingResNet:
     """Spiking ResNet-19: conv3x3,128; [3x3,128]x2 x3; [3x3,256]x2 x3 (stride 2); [3x3,512]x2 x2 (stride 2);
     global average pool; FC ``hidden`` (256) -> LIF; FC ``num_classes``. ``width`` scales every convolution's
     channel count. The spiking FC layer keeps its 256 units at any width: at T=2 it is a 2-step binary code, and
     narrowed with the convolutions (32 units at width 0.125) it became the bottleneck of narrow CPU models
     (54% vs 73% test accuracy after 150 steps in a side-by-side run).
 
-    ``options`` are :class:`SpikingResNet`'s own keyword arguments (neurons, readout, input and output sizes,
-    ``hidden``), declared and defaulted there only; :func:`resnet19_options` lists what this function accepts.
+    ``neuron``: the :class:`~stbp.core.spec.NeuronSpec` of every spiking layer (the reference one when None), or
+    its fields as a mapping (how a checkpoint stores it). ``options``: :class:`SpikingResNet`'s own keywords
+    (``timesteps``, ``readout``, ``in_channels``, ``num_classes``, ``hidden``) and, for convenience, NeuronSpec
+    fields that override ``neuron``'s (``resnet19(width=0.0625, learn_v_th=True)``).
 
     With ``in_channels=3`` and ``width=1`` it has 12,697,994 parameters.
     """
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
+    neuron = REFERENCE if neuron is None else NeuronSpec(**neuron) if isinstance(neuron, Mapping) else neuron
+    if not isinstance(neuron, NeuronSpec):
+        raise TypeError(f"neuron must be a NeuronSpec or a mapping of its fields, got {neuron!r}")
+    neuron = neuron.with_fields(**{name: options.pop(name) for name in FIELDS if name in options})
     ch = lambda c: max(1, round(c * width))
-    return SpikingResNet(stages=((ch(128), 3, 1), (ch(256), 3, 2), (ch(512), 2, 2)), stem_channels=ch(128), **options)
-
-
-# What resnet19() derives from ``width`` rather than taking.
-_LAYOUT = ("stages", "stem_channels")
-
-
-def resnet19_options() -> tuple[str, ...]:
-    """The keyword arguments of :func:`resnet19`: ``width`` and :class:`SpikingResNet`'s own but the layout it
-    derives from ``width``. A checkpoint's ``model_kwargs`` are these (those a config sets)."""
-    params = inspect.signature(SpikingResNet.__init__).parameters
-    return ("width", *(name for name in params if name != "self" and name not in _LAYOUT))
+    stages = ((ch(128), 3, 1), (ch(256), 3, 2), (ch(512), 2, 2))
+    return SpikingResNet(stages=stages, stem_channels=ch(128), neuron=neuron, **options)

@@ -1,5 +1,9 @@
 """STBP spiking neuron: Heaviside spike with a rectangular surrogate gradient, and a multi-step LIF layer.
 
+The road: a :class:`~stbp.core.spec.NeuronSpec` (from the config, or :data:`~stbp.core.spec.REFERENCE`) goes to
+``LIF(spec, channels)``; the layer keeps it as ``spec``, and :meth:`LIF.threshold` and :meth:`LIF.decay` are the
+values it fires with (the spec's, or learned ones). The tdBN driving a layer reads its threshold from there.
+
 Shapes: the LIF layer takes ``[T, N, ...]`` (time first). Convolutions and tdBN see time folded into the
 batch, ``[T*N, C, H, W]``; :meth:`LIF.forward_folded` does the (free) views between the two.
 
@@ -9,8 +13,9 @@ Dynamics (Wu et al. 2018, STBP; Zheng et al. 2021, tdBN):
     o_t = H(u_t - v_th)                              (spike when u_t > v_th)
     do_t/du_t ~= 1/(2*aa) * 1[|u_t - v_th| < aa]     (rectangular surrogate, centred at v_th)
 
-The reference implementation centred the surrogate window at 0; here it is centred at the threshold, where the
-Heaviside step actually is. Gradients flow through the reset term ``(1 - o_{t-1})`` (it is not detached).
+``tau`` is a decay factor per step (not a time constant). The reference implementation centred the surrogate
+window at 0; here it is centred at the threshold, where the Heaviside step actually is. Gradients flow through
+the reset term ``(1 - o_{t-1})`` (it is not detached).
 
 Learned neurons (each off by default; off, the arithmetic is the fixed neuron's, bit for bit):
 
@@ -25,9 +30,12 @@ Learned neurons (each off by default; off, the arithmetic is the fixed neuron's,
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .spec import REFERENCE, NeuronSpec
 
 __all__ = ["spike", "SpikeFunction", "lif_reference", "lif_fused", "LIF"]
 
@@ -59,7 +67,7 @@ class SpikeFunction(torch.autograd.Function):
         return grad_u, grad_v_th, None
 
 
-def spike(u: Tensor, v_th: Param = 0.4, aa: Param = 0.5) -> Tensor:
+def spike(u: Tensor, v_th: Param = REFERENCE.v_th, aa: Param = REFERENCE.aa) -> Tensor:
     """Spikes ``(u > v_th)`` as ``u.dtype``, with the rectangular surrogate gradient (see :class:`SpikeFunction`)."""
     return SpikeFunction.apply(u, v_th, aa)
 
@@ -194,71 +202,54 @@ class LIF(nn.Module):
 
     Input ``[T, N, ...]`` (membrane drive per time step), output spikes of the same shape and dtype. No state
     is kept between calls. With ``return_mask=True`` (how :class:`~stbp.core.model.SpikingResNet` calls it) the
-    output is ``(spikes, mask)``, and forward hooks see that tuple. ``fast=True`` runs the whole time loop as one
-    fused autograd node (:func:`lif_fused`); ``fast=False`` runs the plain loop (:func:`lif_reference`).
+    output is ``(spikes, mask)``, and forward hooks see that tuple.
 
-    ``learn_tau`` and ``learn_v_th`` make the time constant and the threshold parameters (module docstring):
-    one threshold for the layer, or one per channel (``v_th_granularity='channel'``, ``channels`` of them, the
-    input's dimension 2). ``v_th``, ``aa`` and ``tau`` are then their initial values.
+    ``spec`` (:class:`~stbp.core.spec.NeuronSpec`, the reference one by default) says what the neuron is;
+    ``fields`` override some of its fields (``LIF(v_th=0.3)`` is ``LIF(dataclasses.replace(REFERENCE,
+    v_th=0.3))``). ``spec.fast`` runs the whole time loop as one fused autograd node (:func:`lif_fused`), else
+    the plain loop (:func:`lif_reference`). With ``learn_tau`` and ``learn_v_th`` the decay factor and the
+    threshold are parameters (module docstring), starting at ``spec.tau`` and ``spec.v_th``: one threshold for
+    the layer, or one per channel (``v_th_granularity='channel'``, ``channels`` of them, the input's dimension 2).
+    :meth:`threshold` and :meth:`decay` are what the layer fires with.
     """
 
-    def __init__(
-        self,
-        v_th: float = 0.4,
-        aa: float = 0.5,
-        tau: float = 0.25,
-        fast: bool = True,
-        learn_tau: bool = False,
-        learn_v_th: bool = False,
-        v_th_granularity: str = "layer",
-        aa_mode: str = "fixed",
-        channels: int | None = None,
-    ):
+    def __init__(self, spec: NeuronSpec = REFERENCE, channels: int | None = None, **fields: Any):
         super().__init__()
-        if not v_th > 0:
-            raise ValueError(f"v_th must be > 0, got {v_th}")
-        if not aa > 0:
-            raise ValueError(f"aa must be > 0, got {aa}")
-        if not 0 < tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], got {tau}")
-        if learn_tau and not tau < 1:
-            raise ValueError(f"learn_tau needs tau < 1 (tau = sigmoid(w) never reaches 1), got tau={tau}")
-        if v_th_granularity not in ("layer", "channel") or aa_mode not in ("fixed", "relative"):
-            raise ValueError(
-                f"v_th_granularity is 'layer' or 'channel', aa_mode 'fixed' or 'relative'; got "
-                f"{v_th_granularity!r}, {aa_mode!r}"
-            )
-        if learn_v_th and v_th_granularity == "channel" and not channels:
+        if not isinstance(spec, NeuronSpec):
+            raise TypeError(f"LIF takes a NeuronSpec (or its fields by keyword, LIF(v_th=0.3)), got {spec!r}")
+        spec = spec.with_fields(**fields)
+        if spec.learn_v_th and spec.v_th_granularity == "channel" and not channels:
             raise ValueError("v_th_granularity='channel' needs the layer's channels")
-        self.v_th, self.aa, self.tau, self.fast = float(v_th), float(aa), float(tau), fast
-        self.aa_mode = aa_mode
-        self.tau_logit = nn.Parameter(torch.tensor(math.log(tau / (1 - tau)))) if learn_tau else None
-        shape = (channels,) if v_th_granularity == "channel" else ()
-        self.log_v_th = nn.Parameter(torch.full(shape, math.log(v_th))) if learn_v_th else None
+        self.spec = spec
+        tau, v_th = spec.tau, spec.v_th
+        self.tau_logit = nn.Parameter(torch.tensor(math.log(tau / (1 - tau)))) if spec.learn_tau else None
+        shape = (channels,) if spec.v_th_granularity == "channel" else ()
+        self.log_v_th = nn.Parameter(torch.full(shape, math.log(v_th))) if spec.learn_v_th else None
 
     def threshold(self) -> Param:
-        """The firing threshold: ``v_th``, or the learned one (a scalar tensor, or one per channel ``[C]``)."""
-        return self.v_th if self.log_v_th is None else self.log_v_th.exp()
+        """The firing threshold: ``spec.v_th``, or the learned one (a scalar tensor, or one per channel ``[C]``).
+        The tdBN that drives this layer normalises to it."""
+        return self.spec.v_th if self.log_v_th is None else self.log_v_th.exp()
 
-    def time_constant(self) -> Param:
-        """The membrane decay factor: ``tau``, or the learned one (a scalar tensor)."""
-        return self.tau if self.tau_logit is None else torch.sigmoid(self.tau_logit)
+    def decay(self) -> Param:
+        """The membrane decay factor: ``spec.tau``, or the learned one (a scalar tensor)."""
+        return self.spec.tau if self.tau_logit is None else torch.sigmoid(self.tau_logit)
 
     def _params(self, x: Tensor) -> tuple[Param, Param, Param]:
         """(v_th, aa, tau) as ``x`` ``[T, N, C, ...]`` takes them: a per-channel threshold broadcasts over dim 2."""
         v_th = self.threshold()
         if isinstance(v_th, Tensor) and v_th.dim() == 1:
             v_th = v_th.view(-1, *([1] * (x.dim() - 3)))
-        aa = self.aa
-        if self.aa_mode == "relative" and isinstance(v_th, Tensor):
-            aa = v_th.detach() * (self.aa / self.v_th)  # the window scales with the threshold (no gradient)
-        return v_th, aa, self.time_constant()
+        aa = self.spec.aa
+        if self.spec.aa_mode == "relative" and isinstance(v_th, Tensor):
+            aa = v_th.detach() * (self.spec.aa / self.spec.v_th)  # the window scales with the threshold (no gradient)
+        return v_th, aa, self.decay()
 
     def forward(self, x: Tensor, return_mask: bool = False):
         """Spikes ``[T, N, ...]``; with ``return_mask``, ``(spikes, mask)`` (see :func:`lif_fused`; the plain loop
         and inference give ``mask=None``)."""
         v_th, aa, tau = self._params(x)
-        if self.fast:
+        if self.spec.fast:
             return lif_fused(x, v_th, aa, tau, return_mask)
         out = lif_reference(x, v_th, aa, tau)
         return (out, None) if return_mask else out
@@ -272,6 +263,7 @@ class LIF(nn.Module):
         return out.flatten(0, 1), None if mask is None else mask.flatten(0, 1)
 
     def extra_repr(self) -> str:
+        s = self.spec
         learned = [n for n, p in (("tau", self.tau_logit), ("v_th", self.log_v_th)) if p is not None]
-        extra = f", learned={learned}, aa_mode={self.aa_mode}" if learned else ""
-        return f"v_th={self.v_th}, aa={self.aa}, tau={self.tau}, fast={self.fast}{extra}"
+        extra = f", learned={learned}, aa_mode={s.aa_mode}" if learned else ""
+        return f"v_th={s.v_th}, aa={s.aa}, tau={s.tau}, fast={s.fast}{extra}"

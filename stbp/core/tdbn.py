@@ -8,8 +8,9 @@ height and width at once, exactly as the paper prescribes:
 
 ``alpha`` is 1 for ordinary layers and 1/sqrt(2) on the two branches that meet in a residual sum, so the sum
 has the same pre-activation scale as a plain layer. ``v_th`` is the threshold of the LIF layer that the output
-drives; when that threshold is learned, the layer passes it to :meth:`TdBN.forward` and the target follows it
-(a scalar, or one per channel), with its gradient: the paper's ``alpha * V_th`` with ``V_th`` a parameter.
+drives, and the layer stores none: :meth:`TdBN.forward` takes it, read from that LIF (``lif.threshold()``) at
+every call. A float for a fixed threshold; a learned one is a tensor (a scalar, or one per channel) and the
+target follows it with its gradient: the paper's ``alpha * V_th`` with ``V_th`` a parameter.
 
 Cross-rank synchronisation: torch's ``SyncBatchNorm`` refuses CPU tensors (and SpikingJelly's tdBN breaks under
 it). ``TdBN(sync=True)`` instead all-reduces per-channel sums and counts with a differentiable all-reduce that
@@ -32,7 +33,8 @@ RESIDUAL_ALPHA = 1 / math.sqrt(2)
 
 
 class TdBN(nn.BatchNorm2d):
-    """tdBN over time-folded input ``[T*N, C, H, W]``; a ``BatchNorm2d`` with the ``alpha * v_th`` scale.
+    """tdBN over time-folded input ``[T*N, C, H, W]``; a ``BatchNorm2d`` with the ``alpha * v_th`` scale, ``v_th``
+    given to :meth:`forward` by the caller (the threshold of the LIF layer the output drives).
 
     The learnable ``weight``/``bias`` start at 1/0 as in any BatchNorm, so at initialisation the output has mean
     0 and standard deviation ``alpha * v_th`` per channel. Running statistics are ordinary buffers and eval
@@ -43,7 +45,7 @@ class TdBN(nn.BatchNorm2d):
     def __init__(
         self,
         num_features: int,
-        v_th: float = 0.4,
+        *,
         alpha: float = 1.0,
         eps: float = 1e-5,
         momentum: float = 0.1,
@@ -51,23 +53,16 @@ class TdBN(nn.BatchNorm2d):
         process_group=None,
     ):
         super().__init__(num_features, eps=eps, momentum=momentum)
-        if not v_th > 0:
-            raise ValueError(f"v_th must be > 0, got {v_th}")
-        self.v_th = float(v_th)
         self.alpha = float(alpha)
         self.sync = sync
         self.process_group = process_group
 
-    @property
-    def scale(self) -> float:
-        return self.alpha * self.v_th
-
-    def forward(self, x: Tensor, v_th: Tensor | None = None) -> Tensor:
-        """``x`` normalised to ``alpha * v_th``: the float given at construction, or ``v_th`` (a learned threshold,
-        a scalar or ``[C]`` tensor) when given."""
+    def forward(self, x: Tensor, v_th: float | Tensor) -> Tensor:
+        """``x`` normalised to ``alpha * v_th``: ``v_th`` is the driven LIF's threshold, a float, or a learned
+        scalar or ``[C]`` tensor."""
         if x.dim() != 4:
             raise ValueError(f"TdBN expects time-folded input [T*N, C, H, W], got shape {tuple(x.shape)}")
-        weight = self.weight * self.scale if v_th is None else self.weight * (self.alpha * v_th)
+        weight = self.weight * (self.alpha * v_th)
         if self.training and self.sync and _world_size(self.process_group) > 1:
             return self._forward_synced(x, weight)
         momentum = self.momentum
@@ -104,8 +99,7 @@ class TdBN(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.num_features}, v_th={self.v_th}, alpha={self.alpha:.4g}, eps={self.eps}, "
-            f"momentum={self.momentum}, sync={self.sync}"
+            f"{self.num_features}, alpha={self.alpha:.4g}, eps={self.eps}, momentum={self.momentum}, sync={self.sync}"
         )
 
 

@@ -89,9 +89,10 @@ def describe(cfg: Any, shape: tuple[int, ...]) -> str:
             f"Input: [N, {dims}] float32 images scaled to [0, 1], then normalised with mean {list(spec.mean)} "
             f"and std {list(spec.std)}."
         )
-    learned = [name for name, on in (("v_th", m.learn_v_th), ("tau", m.learn_tau)) if on]
+    n = m.neuron
+    learned = [name for name, on in (("v_th", n.learn_v_th), ("tau", n.learn_tau)) if on]
     neuron = f" ({' and '.join(learned)} learned from these)" if learned else ""
     return (
-        f"Spiking ResNet-19 (STBP, tdBN) on {spec.name}: v_th {m.v_th:g}, aa {m.aa:g}, tau {m.tau:g}{neuron}, "
+        f"Spiking ResNet-19 (STBP, tdBN) on {spec.name}: v_th {n.v_th:g}, aa {n.aa:g}, tau {n.tau:g}{neuron}, "
         f"T {m.timesteps}, width {m.width:g}. {inputs} Output: [N, {m.num_classes}] logits."
     )

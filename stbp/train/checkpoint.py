@@ -4,7 +4,9 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
 ``torch.load(path, weights_only=True)``::
 
     format        "stbp/1"
-    model_kwargs  the keyword arguments of :func:`stbp.resnet19` that rebuild the network
+    model_kwargs  the keyword arguments of :func:`stbp.resnet19` that rebuild the network (:func:`model_kwargs`;
+                  ``neuron`` a dict of :class:`~stbp.core.spec.NeuronSpec`'s fields; checkpoints written before
+                  NeuronSpec hold those flat, under the config's names, and load too)
     model         the unwrapped model's state_dict
     config        the resolved training config (nested dict, see :mod:`stbp.config`)
     optimizer, epoch (epochs completed), early_stopping, best_val_acc, metrics (one dict per epoch),
@@ -16,6 +18,7 @@ A run's checkpoints live in a :class:`CheckpointDir`, the only code that knows t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,10 +30,14 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..core.model import resnet19, resnet19_options
+from ..core.model import resnet19
+from ..core.spec import FIELDS as NEURON_FIELDS
+from ..core.spec import NeuronSpec
 
 __all__ = [
     "model_kwargs",
+    "stored_model_kwargs",
+    "model_config_fields",
     "build_model_from_checkpoint",
     "CheckpointError",
     "CheckpointDir",
@@ -81,14 +88,49 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return state
 
 
+#: A checkpoint's model_kwargs besides ``neuron``: :func:`resnet19`'s keywords (``hidden`` no config sets).
+NETWORK_KWARGS = ("width", "in_channels", "num_classes", "timesteps", "readout", "hidden")
+#: Checkpoints written before :class:`NeuronSpec` hold the neuron's fields flat, under the config's names.
+FLAT_NEURON_KWARGS = {name: name for name in NEURON_FIELDS if name != "fast"} | {"fast_lif": "fast"}
+
+
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """The model section's fields that :func:`resnet19` takes (what a checkpoint stores to rebuild the network)."""
-    return {k: getattr(cfg.model, k) for k in resnet19_options() if hasattr(cfg.model, k)}
+    """What a checkpoint stores to rebuild the network, :func:`resnet19`'s keyword arguments as plain types (so
+    that it loads with ``weights_only=True``): ``resnet19(**model_kwargs(cfg))`` is the config's network."""
+    m = cfg.model
+    return {
+        "width": m.width,
+        "in_channels": m.in_channels,
+        "num_classes": m.num_classes,
+        "timesteps": m.timesteps,
+        "readout": m.readout,
+        "neuron": dataclasses.asdict(m.neuron),
+    }
+
+
+def stored_model_kwargs(stored: dict[str, Any]) -> dict[str, Any]:
+    """:func:`resnet19`'s keyword arguments from a checkpoint's ``model_kwargs``, as :func:`model_kwargs` writes
+    them or as checkpoints before :class:`NeuronSpec` did (neuron fields flat, ``fast_lif`` for ``fast``). A key
+    neither knows is left out."""
+    kwargs: dict[str, Any] = {k: stored[k] for k in NETWORK_KWARGS if k in stored}
+    neuron = {FLAT_NEURON_KWARGS[k]: v for k, v in stored.items() if k in FLAT_NEURON_KWARGS}
+    neuron |= {k: v for k, v in (stored.get("neuron") or {}).items() if k in NEURON_FIELDS}
+    kwargs["neuron"] = NeuronSpec(**neuron)
+    return kwargs
+
+
+def model_config_fields(stored: dict[str, Any]) -> dict[str, Any]:
+    """The config's model fields that a checkpoint's ``model_kwargs`` (either version) say, the neuron's under
+    the config's names (``fast_lif``): what a checkpoint without its config was trained as."""
+    kwargs = stored_model_kwargs(stored)
+    neuron = dataclasses.asdict(kwargs.pop("neuron"))
+    config_name = {spec_name: name for name, spec_name in FLAT_NEURON_KWARGS.items()}
+    return kwargs | {config_name[k]: v for k, v in neuron.items()}
 
 
 def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
-    accepted = resnet19_options()  # a key this version's model no longer takes is left out
-    kwargs = {k: v for k, v in state["model_kwargs"].items() if k in accepted}
+    """The network a checkpoint's ``model_kwargs`` describe (:func:`stored_model_kwargs`), with its weights."""
+    kwargs = stored_model_kwargs(state["model_kwargs"])
     model = resnet19(**kwargs)
     try:
         model.load_state_dict(state["model"])
