@@ -12,13 +12,16 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from ..core.spec import REFERENCE as REFERENCE_NEURON
 from .record import TrialRow
 from .spec import Sweep
 
 __all__ = ["REFERENCE", "derived", "coordinates", "is_number", "working_region", "pareto_front", "is_reference"]
 
-#: The reference implementation's setting, marked on the plots.
-REFERENCE = {"v_th": 0.4, "aa": 0.5}
+#: The reference implementation's setting (the searched part of :data:`stbp.core.spec.REFERENCE`), marked on the
+#: plots, and how they name it.
+REFERENCE = {"v_th": REFERENCE_NEURON.v_th, "aa": REFERENCE_NEURON.aa}
+REFERENCE_LABEL = f"reference setting (v_th {REFERENCE['v_th']:g}, aa {REFERENCE['aa']:g})"
 RATIO = "aa/v_th"
 
 
@@ -90,7 +93,7 @@ def pareto_front(rows: Sequence[TrialRow], metrics: Sequence[str], modes: Sequen
 
 
 def is_reference(row: TrialRow) -> bool:
-    """The trial ran at the reference setting (v_th 0.4, aa 0.5)."""
+    """The trial ran at the reference setting (:data:`REFERENCE`)."""
     return all(
         isinstance(row.params.get(k), (int, float)) and abs(row.params[k] - v) < 1e-9 for k, v in REFERENCE.items()
     )

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .analysis import REFERENCE, coordinates, derived, is_number, is_reference
+from .analysis import REFERENCE, REFERENCE_LABEL, coordinates, derived, is_number, is_reference
 from .record import TrialRow
 from .spec import Sweep
 
@@ -81,7 +81,7 @@ def _mark_best_and_reference(ax, best: TrialRow, sweep: Sweep, axes: list) -> No
             facecolors="none",
             edgecolors="tab:orange",
             linewidths=2,
-            label="reference setting (v_th 0.4, aa 0.5)",
+            label=REFERENCE_LABEL,
         )
 
 
@@ -107,7 +107,7 @@ def _landscape_axes(ax, axes: list, sweep: Sweep) -> None:
 
 def plot_landscape(rows: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path | None:
     """Every trial at its (x, y) searched values, coloured by its metric; the best one starred, the reference
-    setting (v_th 0.4, aa 0.5) ringed."""
+    setting (:data:`~.analysis.REFERENCE`) ringed."""
     plt = _pyplot()
     axes = _axes_params(sweep)
     scored = [r for r in rows if r.value is not None and None not in r.params.values()]
@@ -186,7 +186,7 @@ def plot_slices(rows: Sequence[TrialRow], sweep: Sweep, region: dict | None, pat
 
 def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], sweep: Sweep, path: Path) -> Path | None:
     """The first metric against the second, each at the trial's last epoch: every trial, the Pareto front
-    highlighted and joined, the reference setting (v_th 0.4, aa 0.5) starred."""
+    highlighted and joined, the reference setting (:data:`~.analysis.REFERENCE`) starred."""
     y_name, x_name = sweep.metrics[:2]
     pts = [r for r in rows if x_name in r.last and y_name in r.last]
     if not pts:
@@ -226,7 +226,7 @@ def plot_pareto(rows: Sequence[TrialRow], front: Sequence[TrialRow], sweep: Swee
             color="tab:orange",
             edgecolors="k",
             zorder=5,
-            label="reference setting (v_th 0.4, aa 0.5)",
+            label=REFERENCE_LABEL,
         )
     xs = [r.last[x_name] for r in pts if r.last[x_name] > 0]
     if xs and max(xs) / min(xs) > 20:
