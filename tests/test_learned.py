@@ -20,7 +20,7 @@ from stbp.core.learned import learned_neurons
 from stbp.core.monitor import FiringRateMonitor
 from stbp.core.neuron import lif_fused
 from stbp.core.tdbn import TdBN
-from stbp.train import train, train_step
+from stbp.train import LossOptions, train, train_step
 from stbp.train.checkpoint import read_checkpoint
 from tests._dist import run_ranks
 
@@ -144,7 +144,7 @@ def test_the_models_rates_are_the_monitors_and_the_penalty_is_its_formula():
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(logits, y) + weight * ((rates - target) ** 2).sum()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    got, _ = train_step(model, opt, x, y, rate=(target, weight))
+    got, _ = train_step(model, opt, x, y, loss=LossOptions(rate_weight=weight, rate_target=target))
     assert got.item() == pytest.approx(loss.item(), rel=1e-6)
     assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("log_v_th"))
 
@@ -282,7 +282,9 @@ def _ddp_learned(rank, world, xs, ys, out):
     ddp = DDP(model)
     opt = torch.optim.Adam(ddp.parameters(), lr=0.05)
     for x, y in zip(xs, ys):
-        train_step(ddp, opt, x.chunk(world)[rank], y.chunk(world)[rank], rate=(0.1, 1.0))
+        train_step(
+            ddp, opt, x.chunk(world)[rank], y.chunk(world)[rank], loss=LossOptions(rate_weight=1.0, rate_target=0.1)
+        )
     torch.save(model.state_dict(), f"{out}.{rank}")
 
 
@@ -315,7 +317,7 @@ def test_torch_compile_trains_learned_neurons_like_eager():
     for model, params in ((eager, eager.parameters()), (compiled, twin.parameters())):
         opt = torch.optim.SGD(params, lr=0.5)
         for _ in range(2):
-            train_step(model, opt, x, y, rate=(0.1, 1.0))
+            train_step(model, opt, x, y, loss=LossOptions(rate_weight=1.0, rate_target=0.1))
     moved = 0
     for (name, a), b in zip(eager.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from stbp.config import ConfigError, build_config
-from stbp.train import tet_loss, train, train_step
+from stbp.train import LossOptions, tet_loss, train, train_step
 from stbp.train.checkpoint import read_checkpoint
 from stbp.train.recipe import WeightEMA, lr_at
 
@@ -43,7 +43,11 @@ def test_label_smoothing_loss_equals_the_hand_computation(eps):
     outputs, labels = torch.randn(2, 5, 10, dtype=torch.float64), torch.tensor([0, 3, 9, 3, 1])
     model = _Fixed(outputs)
     loss, _ = train_step(
-        model, torch.optim.SGD(model.parameters(), lr=0.0), torch.zeros(5, 1), labels, label_smoothing=eps
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        torch.zeros(5, 1),
+        labels,
+        loss=LossOptions(label_smoothing=eps),
     )
     expected = hand_smoothed_ce(outputs.mean(0), labels, eps)
     assert loss.item() == pytest.approx(expected, rel=1e-6)  # the step computes the loss in fp32
