@@ -89,7 +89,7 @@ def test_every_spiking_layer_gets_the_one_neuron_spec():
         resnet19(width=0.0625, neuron=0.3)
     with pytest.raises(TypeError, match="NeuronSpec"):
         SpikingResNet(neuron={"v_th": 0.3})
-    with pytest.raises(ValueError, match="v_th must be > 0, got -1.0"):
+    with pytest.raises(ValueError, match="v_th must be > 0, got -1"):
         resnet19(width=0.0625, v_th=-1)
 
 

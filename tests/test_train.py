@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stbp import load_checkpoint, resnet19
+from stbp import LIF, load_checkpoint, resnet19
 from stbp.config import ConfigError, build_config
 from stbp.data import DataNotFoundError
 from stbp.train import TrainingDiverged, train
@@ -86,7 +86,8 @@ def test_checkpoints_load_safely_and_rebuild_the_model(tmp_path, data_dir):
         assert {"model", "optimizer", "epoch", "early_stopping", "rng", "config", "metrics"} <= set(state)
     model, cfg = load_checkpoint(ckpt / "best.pt")
     assert (cfg.model.v_th, cfg.model.aa) == (0.3, 0.6)
-    assert all(lif.v_th == 0.3 for lif in model.modules() if hasattr(lif, "v_th") and hasattr(lif, "aa"))
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    assert lifs and all(lif.spec.v_th == 0.3 and lif.threshold() == 0.3 for lif in lifs)
     written = json.loads((Path(summary["output_dir"]) / "summary.json").read_text())
     assert {"test_acc", "best_val_acc", "epochs_run", "images_per_s", "world_size", "mlflow_run_id"} <= set(written)
     # The model rebuilt from best.pt gives the summary's test accuracy (independent evaluation path).

@@ -45,11 +45,10 @@ class NeuronSpec:
     threshold (``aa * threshold / v_th``)."""
 
     def __post_init__(self) -> None:
-        for name in ("v_th", "aa", "tau"):  # numbers as floats, whatever number type they came as
+        for name in ("v_th", "aa", "tau"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            object.__setattr__(self, name, float(value))
         if not self.v_th > 0:
             raise ValueError(f"v_th must be > 0, got {self.v_th}")
         if not self.aa > 0:

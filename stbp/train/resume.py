@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import BOOKKEEPING_FIELDS, Config, config_to_dict
-from .checkpoint import CheckpointDir, CheckpointError, model_kwargs, read_checkpoint
+from .checkpoint import CheckpointDir, CheckpointError, model_config_fields, model_kwargs, read_checkpoint
 
 __all__ = [
     "CONTINUABLE",
@@ -106,7 +106,8 @@ def resume_state(cfg: Config, ckpts: CheckpointDir) -> dict | None:
     if found is None:
         return None
     state, path = found
-    changed = experiment_changes(state.get("config") or {"model": state.get("model_kwargs", {})}, cfg)
+    stored = state.get("config") or {"model": model_config_fields(state.get("model_kwargs", {}))}
+    changed = experiment_changes(stored, cfg)
     if changed:
         raise CheckpointError(
             f"cannot resume from {path}: that run is another experiment ("
