@@ -109,7 +109,7 @@ def check_equivalence(
             ours = build("ours", width, timesteps, cpu, seed)
             for k, m in ours.named_modules():
                 if isinstance(m, TdBN):
-                    grads[f"{k}.weight"] = grads[f"{k}.weight"] * m.scale
+                    grads[f"{k}.weight"] = grads[f"{k}.weight"] * (m.alpha * ours.lif1.threshold())
         if base is None:
             base = (outs, logits.detach(), grads)
             continue

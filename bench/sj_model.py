@@ -160,7 +160,8 @@ def load_from_stbp(sj: SJResNet19, ours: nn.Module) -> SJResNet19:
     """Copy ``ours``' (an ``stbp`` ResNet-19) weights into ``sj``; tdBN weights take ``alpha*v_th`` in."""
     from stbp.core.tdbn import TdBN
 
-    scales = {f"{name}.weight": m.scale for name, m in ours.named_modules() if isinstance(m, TdBN)}
+    v_th = ours.lif1.threshold()  # every layer's: the model has one neuron spec
+    scales = {f"{name}.weight": m.alpha * v_th for name, m in ours.named_modules() if isinstance(m, TdBN)}
     state = {k: v * scales[k] if k in scales else v for k, v in ours.state_dict().items()}
     sj.load_state_dict(state)
     return sj

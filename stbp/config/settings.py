@@ -170,7 +170,7 @@ class RunConfig:
     amp: Literal["auto", "bf16", "off"] = "auto"
     """Mixed precision: 'auto' (bf16 autocast on CUDA and on CPUs with native bf16), 'bf16' or 'off'."""
     compile: Bool = False
-    """torch.compile the model (for CUDA: on an AVX2 CPU it made training 5-6x slower; BENCHMARKS.md)."""
+    """torch.compile the model (for CUDA: on a CPU it makes training slower; BENCHMARKS.md, 'Current figures')."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
     output_dir: NonEmpty = "runs/default"

@@ -196,8 +196,8 @@ def resnet19(
     """Spiking ResNet-19: conv3x3,128; [3x3,128]x2 x3; [3x3,256]x2 x3 (stride 2); [3x3,512]x2 x2 (stride 2);
     global average pool; FC ``hidden`` (256) -> LIF; FC ``num_classes``. ``width`` scales every convolution's
     channel count. The spiking FC layer keeps its 256 units at any width: at T=2 it is a 2-step binary code, and
-    narrowed with the convolutions (32 units at width 0.125) it became the bottleneck of narrow CPU models
-    (54% vs 73% test accuracy after 150 steps in a side-by-side run).
+    narrowed with the convolutions (32 units at width 0.125) it became the bottleneck of narrow CPU models (a
+    side-by-side run trained markedly worse).
 
     ``neuron``: the :class:`~stbp.core.spec.NeuronSpec` of every spiking layer (the reference one when None), or
     its fields as a mapping (how a checkpoint stores it). ``options``: :class:`SpikingResNet`'s own keywords

@@ -92,8 +92,8 @@ def lif_reference(x: Tensor, v_th: Param, aa: Param, tau: Param, return_membrane
 
 
 def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A bool tensor as 0/1 of ``dtype``. Through a uint8 view: on CPU, torch's bool->float cast is about 7x
-    slower than its uint8->float one (measured on AVX2, torch 2.14)."""
+    """A bool tensor as 0/1 of ``dtype``. Through a uint8 view: on CPU, torch's bool->float cast is several times
+    slower than its uint8->float one (BENCHMARKS.md, 'Analysis')."""
     return mask.view(torch.uint8).to(dtype)
 
 
