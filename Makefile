@@ -33,11 +33,15 @@ lock:
 	{ sed -n '1,2p' $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
+# Four pytest-xdist workers on 2 cores: many tests wait on servers, Ray, SLURM and subprocesses; the tests that
+# share a costly module fixture stay in one worker (tests/conftest.py, ONE_WORKER).
+XDIST := -n 4 --dist loadgroup
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -41,3 +41,17 @@ def mnist(data_dir):
     from stbp.data import load_dataset
 
     return load_dataset("mnist", data_dir, download=False)
+
+
+#: Module fixtures that cost minutes (whole sweeps, a browser): under pytest-xdist (``make test`` runs
+#: ``-n 4 --dist loadgroup``) the tests that share one run in one worker, so that it is made once.
+ONE_WORKER = {"resumed_sweep", "multi_sweeps", "faulted_sweep", "repeated_sweep", "browser"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = sorted(name for name in (info.name2fixturedefs if info else ()) if name in ONE_WORKER)
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{shared[0]}"))

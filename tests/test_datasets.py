@@ -122,6 +122,7 @@ def test_a_tiny_run_trains_on_each_data_set_and_its_checkpoint_evaluates_without
     assert 0 <= summary["test_acc"] <= 100 and summary["epochs_run"] == 1
 
 
+@pytest.mark.slow
 def test_evaluate_command_needs_no_dataset_flag(data_root, tmp_path):
     cfg = build_config(
         preset="tiny",

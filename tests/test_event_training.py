@@ -86,6 +86,7 @@ def copy_set(root: Path, tmp_path: Path, name: str) -> Path:
 # ---------------------------------------------------------------- training and evaluation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SETS)
 def test_a_short_run_learns_each_event_data_set_and_its_checkpoint_evaluates(event_root, tmp_path, name):
     """From the command line (train_ddp.main) with MLflow and a registered model, then evaluated."""
@@ -116,6 +117,7 @@ def test_a_short_run_learns_each_event_data_set_and_its_checkpoint_evaluates(eve
     assert result["split_hash"] == summary["split_hash"]
 
 
+@pytest.mark.slow
 def test_the_evaluate_command_scores_an_event_checkpoint(event_root, tmp_path):
     summary = train(event_config(event_root, tmp_path, "nmnist", epochs=1))
     best = Path(summary["output_dir"]) / "checkpoints" / "best.pt"
@@ -131,6 +133,7 @@ def test_the_evaluate_command_scores_an_event_checkpoint(event_root, tmp_path):
     assert f"(split {summary['split_hash']})" in proc.stdout and "synaptic operations" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_registered_event_model_takes_frames_and_scores_like_best_pt(event_root, tmp_path):
     """The Model Registry's copy of an event model takes [N, T, 2, H, W] log-count frames, loads without this
     package, and gives best.pt's logits; its description says so."""
@@ -189,6 +192,7 @@ def test_the_frame_settings_and_the_split_hash_are_mlflow_params(event_root, tmp
     assert "split_hash" not in summary
 
 
+@pytest.mark.slow
 def test_a_resumed_event_run_continues_exactly(event_root, tmp_path):
     """Crops and flips of frames come from the same seeded generator as images' do: 1 + 1 epochs = 2 epochs."""
     augmented = dict(crop_padding=2, hflip=True, batch_size=16)

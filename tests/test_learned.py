@@ -224,6 +224,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_learned_neurons_train_resume_exactly_and_are_recorded(tmp_path, data_dir):
     full = train(tiny(tmp_path / "a", data_dir, epochs=2, patience=0, **LEARN))
     train(tiny(tmp_path / "b", data_dir, epochs=1, patience=0, **LEARN))
@@ -288,6 +289,7 @@ def _ddp_learned(rank, world, xs, ys, out):
     torch.save(model.state_dict(), f"{out}.{rank}")
 
 
+@pytest.mark.slow
 def test_under_ddp_the_learned_neurons_stay_identical_across_ranks(tmp_path, mnist):
     from stbp.data import normalize
 

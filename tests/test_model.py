@@ -158,6 +158,7 @@ def test_firing_rate_monitor_counts_spikes_per_layer_against_hooks():
     assert all(v == 0 for v in mon.rates().values())  # detached: nothing recorded
 
 
+@pytest.mark.slow
 def test_a_few_adam_steps_on_real_mnist_lower_the_loss(mnist):
     torch.manual_seed(0)
     model = resnet19(width=0.125)

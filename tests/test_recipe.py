@@ -86,6 +86,7 @@ def tiny(tmp_path, data_dir, **overrides):
     return build_config(preset="tiny", overrides={**base, **overrides})
 
 
+@pytest.mark.slow
 def test_ema_training_scores_and_saves_the_averaged_weights_and_resumes_exactly(tmp_path, data_dir):
     from stbp.train.evaluate import evaluate_checkpoint
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from stbp.config import build_config
@@ -43,6 +44,7 @@ print("ACC", 100.0 * correct / len(data["y"]))
     return float(out.stdout.split("ACC")[-1])
 
 
+@pytest.mark.slow
 def test_register_model_puts_best_pt_in_the_registry_and_it_scores_like_best_pt(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = build_config(
@@ -71,6 +73,7 @@ def test_register_model_puts_best_pt_in_the_registry_and_it_scores_like_best_pt(
     assert version.run_id == summary["mlflow_run_id"] and "normalised with mean [0.1307]" in version.description
 
 
+@pytest.mark.slow
 def test_mlflows_scoring_server_answers_with_the_logits_of_best_pt(tmp_path, data_dir):
     """`mlflow models serve -m models:/NAME/1 --env-manager local`: a REST query on test images gets the logits
     that best.pt's model (one with learned thresholds and time constants) gives for them."""

@@ -28,6 +28,7 @@ def tiny(tmp_path, data_dir, **overrides):
     return build_config(preset="tiny", overrides={**base, **overrides})
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, data_dir):
     full = train(tiny(tmp_path / "a", data_dir, epochs=2, patience=0))
     first = train(tiny(tmp_path / "b", data_dir, epochs=1, patience=0))
@@ -42,6 +43,7 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     assert b["metrics"][0] == pytest.approx(a["metrics"][0] | {k: b["metrics"][0][k] for k in timings})
 
 
+@pytest.mark.slow
 def test_a_stop_file_saves_mid_epoch_and_the_resume_continues_exactly(tmp_path, data_dir, monkeypatch):
     """The file appears at the second log interval of epoch 1 (step 6 of 8): last.pt holds that step, the command
     exits 3, and the same command ends where an uninterrupted run ends, weights and epoch metrics alike."""
@@ -206,6 +208,7 @@ def _ddp_rank(rank, world, xs, ys, out):
         torch.save(model.state_dict(), out)
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_of_batch_b_equal_one_rank_of_batch_2b(tmp_path, mnist):
     from stbp.data import normalize
 
