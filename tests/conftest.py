@@ -44,14 +44,37 @@ def mnist(data_dir):
 
 
 #: Module fixtures that cost minutes (whole sweeps, a browser): under pytest-xdist (``make test`` runs
-#: ``-n 4 --dist loadgroup``) the tests that share one run in one worker, so that it is made once.
+#: ``-n 4 --dist loadgroup``) the tests that take one as an argument run in one worker, so that it is made once.
 ONE_WORKER = {"resumed_sweep", "multi_sweeps", "faulted_sweep", "repeated_sweep", "browser"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        shared = sorted(name for name in (info.name2fixturedefs if info else ()) if name in ONE_WORKER)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}::{shared[0]}"))
+def fixture_groups(tests: Path = ROOT / "tests") -> dict[str, str]:
+    """``{"tests/test_x.py::test_name": group}`` for every test function that takes a :data:`ONE_WORKER` fixture (its
+    first such argument names the group), read from the test files' source."""
+    import ast
+
+    groups = {}
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            if shared := sorted({a.arg for a in node.args.args} & ONE_WORKER):
+                groups[f"tests/{path.name}::{node.name}"] = f"tests/{path.name}::{shared[0]}"
+    return groups
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` as :func:`fixture_groups` groups the tests; every other test is a group of its own. (xdist's
+    own loadgroup reads ``xdist_group`` marks into the test ids, which pytest 9 no longer lets it rewrite.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups = fixture_groups()
+
+    class FixtureGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return groups.get(nodeid.split("[")[0], nodeid)
+
+    return FixtureGroups(config, log)
