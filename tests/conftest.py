@@ -45,7 +45,9 @@ def mnist(data_dir):
 
 #: Module fixtures that cost minutes (whole sweeps, a browser): under pytest-xdist (``make test`` runs
 #: ``-n 4 --dist loadgroup``) the tests that take one as an argument run in one worker, so that it is made once.
-ONE_WORKER = {"resumed_sweep", "multi_sweeps", "faulted_sweep", "repeated_sweep", "browser"}
+#: The SLURM tests too: the one-node cluster runs one of their jobs at a time anyway, and as one group (the largest,
+#: with the sweeps') they start first instead of queueing behind the rest of the suite at its end.
+ONE_WORKER = {"resumed_sweep", "multi_sweeps", "faulted_sweep", "repeated_sweep", "browser", "slurm"}
 
 
 def fixture_groups(tests: Path = ROOT / "tests") -> dict[str, str]:

@@ -295,7 +295,7 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
         driver = start(cmd, logs[3], env=env, cwd=tmp_path)
         procs.append(driver)
         try:
-            driver.wait(timeout=420)
+            driver.wait(timeout=900)
         except subprocess.TimeoutExpired:
             pytest.fail("the sweep did not finish in 7 minutes\n" + "\n".join(tail(x) for x in logs))
         assert driver.returncode == 0, "\n".join(tail(x) for x in logs)

@@ -150,7 +150,7 @@ def test_evaluate_command_needs_no_dataset_flag(data_root, tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=300,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"test accuracy {summary['test_acc']:.2f}%" in proc.stdout
@@ -336,7 +336,7 @@ def test_a_two_trial_sweep_on_cifar10_files(data_root, tmp_path):
         "32",
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("stbp-cifar10-cpu")

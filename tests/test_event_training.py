@@ -126,7 +126,7 @@ def test_the_evaluate_command_scores_an_event_checkpoint(event_root, tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=300,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"test accuracy {summary['test_acc']:.2f}%" in proc.stdout

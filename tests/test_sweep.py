@@ -95,7 +95,7 @@ def tail(log: Path, chars: int = 6000) -> str:
     return log.read_text()[-chars:] if log.exists() else "(no output)"
 
 
-def run_tune(args, cwd, env, log, timeout=400) -> tuple[int, str]:
+def run_tune(args, cwd, env, log, timeout=900) -> tuple[int, str]:
     return finish(start_tune(args, cwd, env, log), log, timeout)
 
 
@@ -139,7 +139,7 @@ def mlflow_server(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def wait_for_closed_children(client, name, proc, log, count, timeout=300.0) -> None:
+def wait_for_closed_children(client, name, proc, log, count, timeout=600.0) -> None:
     """Until ``count`` child runs of sweep ``name`` are closed (FINISHED or KILLED)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -465,7 +465,7 @@ def faulted_sweep(mlflow_server, tmp_path_factory, data_dir):
             os.killpg(proc.pid, signal.SIGKILL)
     exp_id, parent = the_parent(client, "faults")
     parent_status_after_kill = parent.info.status
-    second_rc, second_out = run_tune([*args, "--resume"], work, env, work / "second.log", timeout=500)
+    second_rc, second_out = run_tune([*args, "--resume"], work, env, work / "second.log", timeout=900)
     return types.SimpleNamespace(
         client=client,
         exp_id=exp_id,
@@ -535,7 +535,7 @@ def test_ddp_trials_train_on_two_ranks_and_a_stopped_one_frees_its_workers(mlflo
     args = ["--sweep", str(path), "--tracking_uri", mlflow_server, "--timesteps", "1", "--train_size", "2048"]
     # A stray cluster address in the environment must neither be joined nor mislead Ray Train's cleanup.
     env = {**tune_env(data_dir), "RAY_ADDRESS": "127.0.0.1:9"}
-    rc, out = run_tune(args, tmp_path, env, tmp_path / "ddp.log", timeout=420)
+    rc, out = run_tune(args, tmp_path, env, tmp_path / "ddp.log", timeout=900)
     assert rc == 0, out[-6000:]
     client = MlflowClient(mlflow_server)
     exp_id, parent = the_parent(client, "ddp")
@@ -564,7 +564,7 @@ def test_a_reused_worker_gives_a_trial_the_result_of_a_fresh_one(mlflow_server, 
     path.write_text(path.read_text().replace("scheduler:\n  type: asha", "scheduler:\n  type: none"))
     assert "type: none" in path.read_text()  # both trials run to their end
     args = ["--sweep", str(path), "--tracking_uri", mlflow_server, "--timesteps", "1"]
-    rc, out = run_tune(args, tmp_path, tune_env(data_dir), tmp_path / "reuse.log", timeout=420)
+    rc, out = run_tune(args, tmp_path, tune_env(data_dir), tmp_path / "reuse.log", timeout=900)
     assert rc == 0, out[-6000:]
     client = MlflowClient(mlflow_server)
     exp_id, parent = the_parent(client, "reuse")
