@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread a process, before anything imports torch (the pytest workers, and through the environment every
+# trainer, tune.py and Ray worker the tests start): the suite runs several processes at once on a 2-core machine,
+# where a team of OpenMP threads waits at every barrier for a member the scheduler has parked (with two threads a
+# process, a test that takes 15 s alone took 507 s in the suite). OMP_NUM_THREADS in the environment still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -65,7 +71,7 @@ def fixture_groups(tests: Path = ROOT / "tests") -> dict[str, str]:
     return groups
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: pytest -p no:xdist runs too
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup`` as :func:`fixture_groups` groups the tests; every other test is a group of its own. (xdist's
     own loadgroup reads ``xdist_group`` marks into the test ids, which pytest 9 no longer lets it rewrite.)"""
