@@ -58,7 +58,7 @@ def test_resnet19_takes_spikingresnets_own_options_and_a_checkpoints_stored_ones
     assert (m.fc1.out_features, m.readout, m.lif1.spec.v_th) == (32, "spikes", 0.3)
     neuron_and_io = {"hidden", "num_classes", "in_channels", "timesteps", "v_th", "aa", "tau", "readout", "fast"}
     neuron_and_io |= {"learn_tau", "learn_v_th", "v_th_granularity", "aa_mode"}
-    assert {"width", *NETWORK_KWARGS, *NEURON_FIELDS} == {"width"} | neuron_and_io
+    assert {"width", *NETWORK_KWARGS, *NEURON_FIELDS} == {"width", "arch"} | neuron_and_io
     with pytest.raises(TypeError):
         resnet19(width=0.0625, stem_channels=8)  # the layout is width's
     # What checkpoints hold under model_kwargs, plus a key the model does not take: it is left out. Before
@@ -165,16 +165,15 @@ def test_a_few_adam_steps_on_real_mnist_lower_the_loss(mnist):
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     x = normalize(mnist.train_images[:256])
     y = mnist.train_labels[:256]
-    model.eval()
+    # The loss on batch statistics, as the steps see it: after 48 steps tdBN's running statistics are still a poor
+    # estimate (the eval-mode loss of the same weights swings between seeds and thread counts), not the weights.
     with torch.no_grad():
         before = F.cross_entropy(model(x), y).item()
-    model.train()
     for _ in range(12):
         for xb, yb in zip(x.split(64), y.split(64)):
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
-    model.eval()
     with torch.no_grad():
         after = F.cross_entropy(model(x), y).item()
     assert after < 0.85 * before, (before, after)
