@@ -149,10 +149,15 @@ def test_head_starts_mlflow_on_the_private_network_with_allowed_hosts(name):
 
 def head_mlflow_args(cfg: dict) -> list[str]:
     """The arguments of the `mlflow server` the head starts (cluster.yaml's head_start_ray_commands)."""
+    return head_mlflow(cfg)[1]
+
+
+def head_mlflow(cfg: dict) -> tuple[dict[str, str], list[str]]:
+    """The environment settings and the arguments of the `mlflow server` the head starts."""
     (command,) = [c for c in cfg["head_start_ray_commands"] if "mlflow server" in c]
-    match = re.search(r"mlflow server (.*?) <", command)
+    match = re.search(r"((?:\w+=\S+ )*)nohup mlflow server (.*?) <", command)
     assert match, command
-    return shlex.split(match.group(1))
+    return dict(a.split("=", 1) for a in shlex.split(match.group(1))), shlex.split(match.group(2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,13 +250,14 @@ def test_sweep_runs_on_a_two_node_ray_cluster_into_the_heads_mlflow_server(tmp_p
         procs.append(ray_node(gcs_port, worker_tmp, {"node_worker": 1}, logs[1], env))
 
         # The MLflow server exactly as cluster.yaml's head starts it, 127.0.0.1 for the private IP.
+        settings, args = head_mlflow(load_config("cluster.yaml"))
         args = [
             a.replace("$HEAD_IP", "127.0.0.1").replace(":5000", f":{mlflow_port}").replace("/mnt/shared", str(shared))
-            for a in head_mlflow_args(load_config("cluster.yaml"))
+            for a in args
         ]
         args = [str(mlflow_port) if a == "5000" else a for a in args]
         (shared / "mlflow" / "artifacts").mkdir(parents=True)
-        procs.append(start([BIN / "mlflow", "server", *args], logs[2], env=env))
+        procs.append(start([BIN / "mlflow", "server", *args], logs[2], env={**env, **settings}))
         uri = f"http://127.0.0.1:{mlflow_port}"
 
         def two_nodes():
