@@ -5,7 +5,7 @@ every :class:`LIF` layer. The core (neurons, tdBN, the network, training) needs 
 imported lazily by the parts that use them.
 """
 
-from .core.model import SpikingResNet, resnet19
+from .core.model import SpikingResNet, build_network, resnet18, resnet19, resnet34
 from .core.monitor import FiringRateMonitor
 from .core.neuron import LIF, lif_fused, lif_reference, spike
 from .core.spec import NeuronSpec
@@ -18,11 +18,14 @@ __all__ = [
     "FiringRateMonitor",
     "NeuronSpec",
     "SpikingResNet",
+    "build_network",
     "convert_sync_tdbn",
     "lif_fused",
     "lif_reference",
     "load_checkpoint",
+    "resnet18",
     "resnet19",
+    "resnet34",
     "spike",
 ]
 __version__ = "0.1.0"

@@ -117,12 +117,13 @@ def test_a_checkpoint_from_before_neuron_specs_fires_every_layer_as_the_old_code
 
 def test_what_a_checkpoint_stores_now_is_plain_and_rebuilds_the_configs_network():
     """``model_kwargs``: the network's keywords and the neuron as a dict of plain values, which
-    ``torch.load(weights_only=True)`` reads back and ``resnet19`` takes as they are."""
+    ``torch.load(weights_only=True)`` reads back and ``resnet19`` (its ``arch``) takes as they are."""
     import io
 
     _, cfg = load_checkpoint(CHECKPOINT)
     kwargs = model_kwargs(cfg)
     assert kwargs == {
+        "arch": "resnet19",  # the network's name; checkpoints without it are ResNet-19s
         "width": 0.0625,
         "in_channels": 1,
         "num_classes": 10,

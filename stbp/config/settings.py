@@ -35,6 +35,9 @@ AtLeast1 = Annotated[Int, Field(ge=1)]
 class ModelConfig:
     """Spiking ResNet (STBP + tdBN) architecture and neuron parameters."""
 
+    arch: Literal["resnet19", "resnet18", "resnet34"] = "resnet19"
+    """The network: 'resnet19' (the tdBN paper's CIFAR net, 3x3 stem), or 'resnet18' / 'resnet34' (its ImageNet nets:
+    7x7 stride-2 stem and max pool, stages [2,2,2,2] / [3,4,6,3])."""
     in_channels: AtLeast1 = 1
     """Input image channels."""
     num_classes: Annotated[Int, Field(ge=2)] = 10
@@ -92,8 +95,8 @@ class DataConfig:
     """0 = the whole training split (54,000 images); otherwise its first N images."""
     val_size: Int = 6000
     """Images held out of the official training images for validation (early stopping needs some)."""
-    test_size: Annotated[Int, Field(ge=0, le=10_000)] = 0
-    """0 = the whole official test set (10,000 images); otherwise its first N (quick runs and tests only)."""
+    test_size: Annotated[Int, Field(ge=0)] = 0
+    """0 = the whole official test set (10,000 images); otherwise its first N (image folders: N spread over it)."""
     crop_padding: Annotated[Int, Field(ge=0)] = 4
     """Zero-padding for the random crop; 0 disables random cropping."""
     hflip: Bool = False
@@ -106,6 +109,16 @@ class DataConfig:
     """CIFAR10-DVS: its test set is each class's last 100 recordings ('last100') or first 100 ('first100')."""
     download: Bool = True
     """Download the dataset if it is missing."""
+    image_size: Annotated[Int, Field(ge=8)] | None = None
+    """Image folders and ImageNet: crops are this many pixels a side (random resized crops for training, a centre
+    crop of the image resized to image_size/0.875 for evaluation); None = the data set's (224)."""
+    classes: Annotated[Int, Field(ge=0)] = 0
+    """Image folders and ImageNet: train and test on the first N classes only (in sorted order; 0 = all)."""
+    workers: Annotated[Int, Field(ge=0)] | None = None
+    """Image folders and ImageNet: decoding processes per rank (0 = in the training process; None = one per CPU
+    this process may use, at most 8)."""
+    file_index: NonEmpty | None = None
+    """Image folders and ImageNet: a listing of data_dir written by a sweep (read instead of listing it again)."""
 
 
 Beta = Annotated[Float, Field(ge=0, lt=1)]
@@ -219,9 +232,20 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        split = DATASETS[self.data.dataset].train_size
-        if not 1 <= self.data.val_size < split:
-            raise ValueError(f"data.val_size must be in [1, {split}) for {self.data.dataset}, got {self.data.val_size}")
+        data, spec = self.data, DATASETS[self.data.dataset]
+        if spec.train_size and not 1 <= data.val_size < spec.train_size:
+            raise ValueError(f"data.val_size must be in [1, {spec.train_size}) for {spec.name}, got {data.val_size}")
+        if spec.test_size and data.test_size > spec.test_size:
+            raise ValueError(f"data.test_size must be in [0, {spec.test_size}] for {spec.name}, got {data.test_size}")
+        folder_only = {k: getattr(data, k) for k in ("image_size", "file_index") if getattr(data, k) is not None}
+        folder_only.update({k: getattr(data, k) for k in ("classes", "workers") if getattr(data, k)})
+        if folder_only and not spec.streamed:
+            key, value = next(iter(folder_only.items()))
+            raise ValueError(f"data.{key} ({value}) is for image folders and imagenet, not {spec.name}")
+        if spec.name == "imagefolder" and data.data_dir is None:
+            raise ValueError("data.data_dir is None: imagefolder needs --data_dir DIR holding train/<class>/ and val/")
+        if spec.streamed and not 1 <= data.val_size:
+            raise ValueError(f"data.val_size must be >= 1 for {spec.name}, got {data.val_size}")
         if self.model.learn_tau and not self.model.tau < 1:
             raise ValueError(f"model.tau must be < 1 with learn_tau (tau = sigmoid(w)), got {self.model.tau}")
 
@@ -234,7 +258,8 @@ assert len(SECTION_OF) == sum(len(c.__pydantic_fields__) for c in SECTIONS.value
 #: Fields that say where a run's records go, not what it trains: MLflow tags rather than parameters, so that
 #: comparing runs compares what defines them (a sweep's trials set most of them themselves).
 BOOKKEEPING_FIELDS = tuple(
-    "output_dir data_dir resume stop_file run_id run_name tracking_uri experiment mlflow register_model tags".split()
+    "output_dir data_dir resume stop_file run_id run_name tracking_uri experiment mlflow register_model tags "
+    "workers file_index".split()
 )
 
 

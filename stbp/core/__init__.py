@@ -1,5 +1,5 @@
 """The spiking core: what a neuron is (:mod:`.spec`), the neuron (:mod:`.neuron`), threshold-dependent batch norm
-(:mod:`.tdbn`), the spike convolution (:mod:`.conv`), the network (:mod:`.model`), the learned neurons' records
+(:mod:`.tdbn`), the spike convolution (:mod:`.conv`), the networks (:mod:`.model`), the learned neurons' records
 (:mod:`.learned`) and firing rates and spike cost (:mod:`.monitor`). Needs only torch; knows nothing of data,
 training or tracking.
 
@@ -12,14 +12,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .model import SpikingResNet, resnet19
+    from .model import SpikingResNet, build_network, resnet18, resnet19, resnet34
     from .monitor import FiringRateMonitor
     from .neuron import LIF, lif_fused, lif_reference, spike
     from .spec import REFERENCE, NeuronSpec
     from .tdbn import TdBN, convert_sync_tdbn
 
 _HOME = {
-    **dict.fromkeys(["SpikingResNet", "resnet19"], ".model"),
+    **dict.fromkeys(["SpikingResNet", "build_network", "resnet18", "resnet19", "resnet34"], ".model"),
     **dict.fromkeys(["FiringRateMonitor"], ".monitor"),
     **dict.fromkeys(["LIF", "lif_fused", "lif_reference", "spike"], ".neuron"),
     **dict.fromkeys(["REFERENCE", "NeuronSpec"], ".spec"),
@@ -33,10 +33,13 @@ __all__ = [
     "FiringRateMonitor",
     "NeuronSpec",
     "SpikingResNet",
+    "build_network",
     "convert_sync_tdbn",
     "lif_fused",
     "lif_reference",
+    "resnet18",
     "resnet19",
+    "resnet34",
     "spike",
 ]
 assert sorted(__all__) == sorted(_HOME)

@@ -1,9 +1,12 @@
-"""Spiking ResNet-19 (tdBN paper, Zheng et al. 2021, table 5) built from :class:`LIF` and :class:`TdBN`.
+"""The tdBN paper's spiking ResNets (Zheng et al. 2021) built from :class:`LIF` and :class:`TdBN`: ResNet-19, its
+CIFAR network (table 5), and ResNet-18 and ResNet-34, its ImageNet networks (He et al. 2016's layout: a 7x7 stride-2
+stem and a max pool, four stages, global average pool, one linear classifier). :func:`build_network` names them.
 
 The neuron's road: one :class:`~stbp.core.spec.NeuronSpec` (``neuron``, the reference one by default) is given to
-:func:`resnet19` (or its fields one by one, as overrides), then to :class:`SpikingResNet`, every
-:class:`BasicBlock` and every ``LIF(neuron, channels)``. Each tdBN is normalised to the threshold of the LIF it
-drives, read from that LIF (``lif.threshold()``) at every forward: the fixed ``v_th``, or the learned one.
+:func:`resnet19` (or :func:`resnet18`, :func:`resnet34`; or its fields one by one, as overrides), then to
+:class:`SpikingResNet`, every :class:`BasicBlock` and every ``LIF(neuron, channels)``. Each tdBN is normalised to
+the threshold of the LIF it drives, read from that LIF (``lif.threshold()``) at every forward: the fixed ``v_th``, or
+the learned one.
 
 Shapes: images ``[N, C, H, W]`` are repeated over ``T`` time steps (direct encoding); event frames
 ``[N, T, C, H, W]`` bring a new input at every step. Every convolution and tdBN sees ``[T*N, C, H, W]`` with time
@@ -26,7 +29,7 @@ from .neuron import LIF
 from .spec import FIELDS, REFERENCE, NeuronSpec
 from .tdbn import RESIDUAL_ALPHA, TdBN
 
-__all__ = ["BasicBlock", "SpikingResNet", "channels_last", "resnet19"]
+__all__ = ["ARCHS", "BasicBlock", "SpikingResNet", "build_network", "channels_last", "resnet18", "resnet19", "resnet34"]
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -35,8 +38,8 @@ def channels_last(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+#: The stems :class:`SpikingResNet` takes: their convolution's kernel and stride (padding kernel // 2).
+STEMS = {"cifar": (3, 1), "imagenet": (7, 2)}
 
 
 def _spike_conv3x3(cin: int, cout: int, stride: int = 1) -> SpikeConv2d:
@@ -92,34 +95,46 @@ class BasicBlock(nn.Module):
 
 
 class SpikingResNet(nn.Module):
-    """Stem conv, three stages of :class:`BasicBlock`, global average pool, FC-LIF, FC; every spiking layer is a
-    ``LIF(neuron, channels)``."""
+    """Stem, stages of :class:`BasicBlock`, global average pool, [FC-LIF,] FC; every spiking layer is a
+    ``LIF(neuron, channels)``.
+
+    ``stem``: ``"cifar"``, a 3x3 stride-1 convolution (``conv1``, then ``bn1``, ``lif1``); ``"imagenet"``, a 7x7
+    stride-2 convolution and, after its LIF, a 3x3 stride-2 max pool (``maxpool``: the max of spikes is a spike, so
+    the blocks still see 0s and 1s). ``stages``: ``(channels, blocks, stride)`` each. ``hidden``: the units of a
+    spiking FC layer between the pool and the classifier (``fc1``, ``lif_fc1``, then the classifier ``fc2``:
+    ResNet-19's head), or None for the classifier alone (``fc``: the ImageNet nets' head).
+    """
 
     def __init__(
         self,
         stages: tuple[tuple[int, int, int], ...] = ((128, 3, 1), (256, 3, 2), (512, 2, 2)),
         stem_channels: int = 128,
-        hidden: int = 256,
+        hidden: int | None = 256,
         num_classes: int = 10,
         in_channels: int = 1,
         timesteps: int = 2,
         neuron: NeuronSpec = REFERENCE,
         readout: str = "mean",
+        stem: str = "cifar",
     ):
         super().__init__()
         if readout not in ("mean", "spikes"):
             raise ValueError(f"readout must be 'mean' or 'spikes', got {readout!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(map(repr, STEMS))}, got {stem!r}")
         if timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {timesteps}")
         if not isinstance(neuron, NeuronSpec):
             raise TypeError(f"neuron must be a NeuronSpec, got {neuron!r}")
         self.timesteps = timesteps
         self.readout = readout
-        self.conv1 = _conv3x3(in_channels, stem_channels)
+        kernel, stride = STEMS[stem]
+        self.conv1 = nn.Conv2d(in_channels, stem_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
         self.bn1 = TdBN(stem_channels)
         self.lif1 = LIF(neuron, channels=stem_channels)
-        cin = stem_channels
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else None
         self.stages = nn.ModuleList()
+        cin = stem_channels
         for cout, blocks, stride in stages:
             layers = []
             for i in range(blocks):
@@ -127,25 +142,44 @@ class SpikingResNet(nn.Module):
                 cin = cout
             self.stages.append(nn.Sequential(*layers))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Linear(cin, hidden)
-        self.lif_fc1 = LIF(neuron, channels=hidden)
-        self.fc2 = nn.Linear(hidden, num_classes)
+        self._head(cin, hidden, num_classes, neuron)
         self.lif_out = LIF(neuron, channels=num_classes) if readout == "spikes" else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        # fc1 sees pooled firing rates (mean ~0.1-0.2) with no normalisation before its LIF. With torch's default
-        # Linear init its drive stays far below v_th and the layer starts silent, starving the readout; a
-        # Kaiming (fan-in) init puts the drive on the threshold's scale so it fires from the first step.
-        nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
-        nn.init.zeros_(self.fc1.bias)
+        if self.fc1 is not None:
+            # fc1 sees pooled firing rates (mean ~0.1-0.2) with no normalisation before its LIF. With torch's default
+            # Linear init its drive stays far below v_th and the layer starts silent, starving the readout; a
+            # Kaiming (fan-in) init puts the drive on the threshold's scale so it fires from the first step.
+            nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
+            nn.init.zeros_(self.fc1.bias)
+
+    def _head(self, features: int, hidden: int | None, num_classes: int, neuron: NeuronSpec) -> None:
+        """``fc1`` (``hidden`` units), ``lif_fc1`` and the classifier ``fc2``; without ``hidden``, the classifier
+        ``fc`` alone (``fc1`` and ``lif_fc1`` None)."""
+        if hidden is None:
+            self.fc1 = self.lif_fc1 = None
+            self.fc = nn.Linear(features, num_classes)
+        else:
+            self.fc1 = nn.Linear(features, hidden)
+            self.lif_fc1 = LIF(neuron, channels=hidden)
+            self.fc2 = nn.Linear(hidden, num_classes)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The last linear layer, whose time-mean output is the logits (``fc2`` after a spiking FC layer, else
+        ``fc``)."""
+        return self.fc if self.fc1 is None else self.fc2
 
     def dense_fan_outs(self) -> dict[str, int]:
         """The spiking layers that feed linear layers, by module path, and the synapses each of their spikes
-        reaches: the last block's spikes reach every fc1 unit through the average pool, lif_fc1's every output.
+        reaches: the last block's spikes reach every fc1 unit (or, without one, every output of fc) through the average
+        pool, lif_fc1's every output.
         (The convolutions' synaptic operations are counted where they happen: :mod:`stbp.core.monitor`.)"""
         last = self.stages[-1][-1].lif2
         name = next(n for n, m in self.named_modules() if m is last)
+        if self.fc1 is None:
+            return {name: self.fc.out_features}
         return {name: self.fc1.out_features, "lif_fc1": self.fc2.out_features}
 
     def forward(self, images: Tensor, per_step: bool = False, rates: bool = False):
@@ -159,14 +193,19 @@ class SpikingResNet(nn.Module):
         x, mask = self.lif1.forward_folded(self.bn1(x, self.lif1.threshold()), steps, return_mask=True)
         if seen is not None:
             seen.append(x.mean(dtype=torch.float32))
+        if self.maxpool is not None:
+            # Pooled spikes are still spikes, but the LIF's bool mask has the unpooled shape: the next convolutions
+            # save their own bool copy (mask None).
+            x, mask = self.maxpool(x), None
         for stage in self.stages:
             for block in stage:
                 x, mask = block(x, mask, seen)
         x = self.pool(x).flatten(1)  # [T*N, C]
-        x = self.lif_fc1.forward_folded(self.fc1(x), steps)
-        if seen is not None:
-            seen.append(x.mean(dtype=torch.float32))
-        x = self.fc2(x).view(steps, n, -1)  # [T, N, classes]
+        if self.fc1 is not None:
+            x = self.lif_fc1.forward_folded(self.fc1(x), steps)
+            if seen is not None:
+                seen.append(x.mean(dtype=torch.float32))
+        x = self.classifier(x).view(steps, n, -1)  # [T, N, classes]
         if self.lif_out is not None:
             x = self.lif_out(x)
             if seen is not None:
@@ -202,10 +241,72 @@ def resnet19(
     ``neuron``: the :class:`~stbp.core.spec.NeuronSpec` of every spiking layer (the reference one when None), or
     its fields as a mapping (how a checkpoint stores it). ``options``: :class:`SpikingResNet`'s own keywords
     (``timesteps``, ``readout``, ``in_channels``, ``num_classes``, ``hidden``) and, for convenience, NeuronSpec
-    fields that override ``neuron``'s (``resnet19(width=0.0625, learn_v_th=True)``).
+    fields that override ``neuron``'s (``resnet19(width=0.0625, learn_v_th=True)``); ``arch``, if given, must be
+    ``"resnet19"`` (a checkpoint's keywords name it: :func:`build_network` takes the others).
 
     With ``in_channels=3`` and ``width=1`` it has 12,697,994 parameters.
     """
+    stages = ((128, 3, 1), (256, 3, 2), (512, 2, 2))
+    return _network("resnet19", width, neuron, options, stages, stem_channels=128, stem="cifar")
+
+
+def resnet18(
+    width: float = 1.0, *, neuron: NeuronSpec | Mapping[str, Any] | None = None, **options: Any
+) -> SpikingResNet:
+    """Spiking ResNet-18, the tdBN paper's ImageNet layout: conv7x7,64 stride 2 -> tdBN -> LIF; 3x3 max pool stride
+    2; [3x3,64]x2 x2; [3x3,128]x2 x2 (stride 2); [3x3,256]x2 x2 (stride 2); [3x3,512]x2 x2 (stride 2); global
+    average pool; FC ``num_classes``. A 224-pixel image leaves the stem at 56x56 and the last stage at 7x7.
+
+    The ImageNet network by default (``in_channels=3``, ``num_classes=1000``: 11,689,512 parameters at ``width=1``,
+    torchvision's ``resnet18`` count, tdBN's affine pair in place of BatchNorm's). ``width``, ``neuron`` and
+    ``options`` as for :func:`resnet19`; ``hidden`` (None here) adds a spiking FC layer before the classifier.
+    """
+    stages = ((64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2))
+    return _network("resnet18", width, neuron, _imagenet(options), stages, stem_channels=64, stem="imagenet")
+
+
+def resnet34(
+    width: float = 1.0, *, neuron: NeuronSpec | Mapping[str, Any] | None = None, **options: Any
+) -> SpikingResNet:
+    """Spiking ResNet-34: :func:`resnet18` with [3, 4, 6, 3] blocks in its four stages (the tdBN paper's ImageNet
+    network: 67.05% top-1 at T=6 there). 21,797,672 parameters with ``in_channels=3``, ``num_classes=1000`` (the
+    defaults) and ``width=1``, torchvision's ``resnet34`` count."""
+    stages = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+    return _network("resnet34", width, neuron, _imagenet(options), stages, stem_channels=64, stem="imagenet")
+
+
+#: The networks by name (``ModelConfig.arch``, a checkpoint's ``arch``): what :func:`build_network` dispatches to.
+ARCHS = {"resnet19": resnet19, "resnet18": resnet18, "resnet34": resnet34}
+
+
+def build_network(
+    arch: str = "resnet19", width: float = 1.0, *, neuron: NeuronSpec | Mapping[str, Any] | None = None, **options
+) -> SpikingResNet:
+    """The network named ``arch`` (one of :data:`ARCHS`), built by its factory with ``width``, ``neuron`` and
+    ``options``: ``build_network(**stbp.train.checkpoint.model_kwargs(cfg))`` is the config's network."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    return ARCHS[arch](width, neuron=neuron, **options)
+
+
+def _imagenet(options: dict[str, Any]) -> dict[str, Any]:
+    """The ImageNet nets' defaults under ``options``: RGB in, 1,000 classes out, no spiking FC layer."""
+    return {"in_channels": 3, "num_classes": 1000, "hidden": None, **options}
+
+
+def _network(
+    arch: str,
+    width: float,
+    neuron: NeuronSpec | Mapping[str, Any] | None,
+    options: dict[str, Any],
+    stages: tuple[tuple[int, int, int], ...],
+    **layout: Any,
+) -> SpikingResNet:
+    """What the factories share: ``arch`` checked, the neuron resolved (``options``' NeuronSpec fields override
+    it), every convolution's channels scaled by ``width``; ``layout``: the stem's keywords."""
+    given = options.pop("arch", arch)
+    if given != arch:
+        raise ValueError(f"{arch}() builds {arch!r}, not {given!r}: build_network(arch={given!r}) builds that one")
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
     neuron = REFERENCE if neuron is None else NeuronSpec(**neuron) if isinstance(neuron, Mapping) else neuron
@@ -213,5 +314,6 @@ def resnet19(
         raise TypeError(f"neuron must be a NeuronSpec or a mapping of its fields, got {neuron!r}")
     neuron = neuron.with_fields(**{name: options.pop(name) for name in FIELDS if name in options})
     ch = lambda c: max(1, round(c * width))
-    stages = ((ch(128), 3, 1), (ch(256), 3, 2), (ch(512), 2, 2))
-    return SpikingResNet(stages=stages, stem_channels=ch(128), neuron=neuron, **options)
+    stages = tuple((ch(c), blocks, stride) for c, blocks, stride in stages)
+    layout["stem_channels"] = ch(layout["stem_channels"])
+    return SpikingResNet(stages=stages, neuron=neuron, **layout, **options)

@@ -9,6 +9,11 @@ The event-camera sets (``events=True``, :mod:`stbp.data.events`) have two channe
 (:func:`stbp.data.event_input`): no mean or standard deviation, zero stays zero (an empty pixel, the crop's
 padding) and a hot pixel's hundreds of events weigh about 6, not hundreds; tdBN after the stem sets the scale.
 Their ``val_size`` and ``crop_padding``, where given, are the defaults a config takes with the data set.
+
+The folder sets (``streamed=True``: ``imagefolder``, a user's own ``train/<class>/`` and ``val/<class>/``, and
+``imagenet``) are JPEG, PNG, ... files read from disk batch by batch (:mod:`stbp.data.folders`), never held whole;
+``size`` is the default ``image_size`` of their crops. ``imagefolder``'s classes and split sizes are its folder's
+(0 here: counted when it is listed).
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ class DatasetSpec:
     events: bool = False  # an event-camera data set: frames [T, 2, size, size] of event counts
     val_size: int | None = None  # the config's default val_size with this data set (None: the config's own)
     crop_padding: int | None = None  # the config's default crop_padding with this data set (None: the config's own)
+    streamed: bool = False  # image files read from disk batch by batch (stbp.data.folders), not held in memory
 
     @property
     def format(self) -> str:
+        if self.streamed:
+            return "folder"
         return "events" if self.events else "idx" if self.channels == 1 else "pickle"
 
 
@@ -84,12 +92,45 @@ DATASETS = {
     "cifar10_dvs": DatasetSpec(
         "cifar10_dvs", "CIFAR10DVS", 2, 128, 10, 9_000, 1_000, (), (), hflip=True, events=True, val_size=900
     ),
+    # Image files streamed from disk. ImageNet: ILSVRC2012 (Russakovsky et al. 2015), 1,281,167 training and 50,000
+    # validation images (the test split here) of 1,000 classes; torchvision's normalisation constants; 10,000
+    # training images held out for validation. An image folder's classes and sizes are its own (0: counted).
+    "imagenet": DatasetSpec(
+        "imagenet",
+        "imagenet",
+        3,
+        224,
+        1000,
+        1_281_167,
+        50_000,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        hflip=True,
+        val_size=10_000,
+        crop_padding=0,
+        streamed=True,
+    ),
+    "imagefolder": DatasetSpec(
+        "imagefolder",
+        "",
+        3,
+        224,
+        0,
+        0,
+        0,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        hflip=True,
+        crop_padding=0,
+        streamed=True,
+    ),
 }
 
 
 def dataset_defaults(name: str) -> dict[str, object]:
     """The config fields a data set decides unless they are given with it: its channels, classes and flips (and the
-    val_size and crop_padding of the event sets that set them)."""
+    val_size and crop_padding of the sets that set them). An image folder's classes are counted when it is listed."""
     spec = DATASETS[name]
     extra = {k: getattr(spec, k) for k in ("val_size", "crop_padding") if getattr(spec, k) is not None}
-    return {"in_channels": spec.channels, "num_classes": spec.classes, "hflip": spec.hflip, **extra}
+    classes = {"num_classes": spec.classes} if spec.classes else {}
+    return {"in_channels": spec.channels, **classes, "hflip": spec.hflip, **extra}

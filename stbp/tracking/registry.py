@@ -24,6 +24,8 @@ from ..data.events import SENSORS
 
 __all__ = ["register_model", "input_shape", "describe"]
 
+ARCH_NAMES = {"resnet19": "ResNet-19", "resnet18": "ResNet-18", "resnet34": "ResNet-34"}  # for the description
+
 
 def register_model(model: torch.nn.Module, cfg: Any, tracking_uri: str, run_id: str, name: str) -> dict[str, Any]:
     """Log ``model`` (trained with the config ``cfg``; :func:`stbp.load_checkpoint` gives both) in run ``run_id`` as
@@ -66,10 +68,12 @@ def register_model(model: torch.nn.Module, cfg: Any, tracking_uri: str, run_id: 
 
 
 def input_shape(cfg: Any) -> tuple[int, ...]:
-    """One sample's shape as the model takes it: ``(C, H, W)`` images, ``(T, 2, H, W)`` event frames."""
+    """One sample's shape as the model takes it: ``(C, H, W)`` images (image folders and ImageNet: the config's
+    ``image_size`` crops, else the data set's), ``(T, 2, H, W)`` event frames."""
     spec = DATASETS[cfg.data.dataset]
     if not spec.events:
-        return (spec.channels, spec.size, spec.size)
+        size = cfg.data.image_size if spec.streamed and cfg.data.image_size else spec.size
+        return (spec.channels, size, size)
     size = cfg.data.frame_size
     height, width = SENSORS[spec.name] if size is None else (size, size)
     return (cfg.model.timesteps, spec.channels, height, width)
@@ -93,6 +97,7 @@ def describe(cfg: Any, shape: tuple[int, ...]) -> str:
     learned = [name for name, on in (("v_th", n.learn_v_th), ("tau", n.learn_tau)) if on]
     neuron = f" ({' and '.join(learned)} learned from these)" if learned else ""
     return (
-        f"Spiking ResNet-19 (STBP, tdBN) on {spec.name}: v_th {n.v_th:g}, aa {n.aa:g}, tau {n.tau:g}{neuron}, "
-        f"T {m.timesteps}, width {m.width:g}. {inputs} Output: [N, {m.num_classes}] logits."
+        f"Spiking {ARCH_NAMES[m.arch]} (STBP, tdBN) on {spec.name}: "
+        f"v_th {n.v_th:g}, aa {n.aa:g}, tau {n.tau:g}{neuron}, T {m.timesteps}, width {m.width:g}. {inputs} "
+        f"Output: [N, {m.num_classes}] logits."
     )

@@ -4,9 +4,10 @@ A checkpoint is a plain dict of tensors and Python primitives (no pickled object
 ``torch.load(path, weights_only=True)``::
 
     format        "stbp/1"
-    model_kwargs  the keyword arguments of :func:`stbp.resnet19` that rebuild the network (:func:`model_kwargs`;
-                  ``neuron`` a dict of :class:`~stbp.core.spec.NeuronSpec`'s fields; checkpoints written before
-                  NeuronSpec hold those flat, under the config's names, and load too)
+    model_kwargs  the keyword arguments of :func:`stbp.build_network` that rebuild the network (:func:`model_kwargs`;
+                  ``arch`` its name, ``neuron`` a dict of :class:`~stbp.core.spec.NeuronSpec`'s fields; checkpoints
+                  written before ``arch`` are ResNet-19s, and those written before NeuronSpec hold the neuron's
+                  fields flat, under the config's names: both load too)
     model         the unwrapped model's state_dict
     config        the resolved training config (nested dict, see :mod:`stbp.config`)
     optimizer, epoch (epochs completed), early_stopping, best_val_acc, metrics (one dict per epoch),
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..core.model import resnet19
+from ..core.model import build_network
 from ..core.spec import FIELDS as NEURON_FIELDS
 from ..core.spec import NeuronSpec
 
@@ -88,17 +89,20 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return state
 
 
-#: A checkpoint's model_kwargs besides ``neuron``: :func:`resnet19`'s keywords (``hidden`` no config sets).
-NETWORK_KWARGS = ("width", "in_channels", "num_classes", "timesteps", "readout", "hidden")
+#: A checkpoint's model_kwargs besides ``neuron``: :func:`build_network`'s keywords (``hidden`` no config sets).
+NETWORK_KWARGS = ("arch", "width", "in_channels", "num_classes", "timesteps", "readout", "hidden")
+#: The network of a checkpoint whose model_kwargs name none: written before there was a choice.
+LEGACY_ARCH = "resnet19"
 #: Checkpoints written before :class:`NeuronSpec` hold the neuron's fields flat, under the config's names.
 FLAT_NEURON_KWARGS = {name: name for name in NEURON_FIELDS if name != "fast"} | {"fast_lif": "fast"}
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint stores to rebuild the network, :func:`resnet19`'s keyword arguments as plain types (so
-    that it loads with ``weights_only=True``): ``resnet19(**model_kwargs(cfg))`` is the config's network."""
+    """What a checkpoint stores to rebuild the network, :func:`build_network`'s keyword arguments as plain types (so
+    that it loads with ``weights_only=True``): ``build_network(**model_kwargs(cfg))`` is the config's network."""
     m = cfg.model
     return {
+        "arch": m.arch,
         "width": m.width,
         "in_channels": m.in_channels,
         "num_classes": m.num_classes,
@@ -109,10 +113,10 @@ def model_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 def stored_model_kwargs(stored: dict[str, Any]) -> dict[str, Any]:
-    """:func:`resnet19`'s keyword arguments from a checkpoint's ``model_kwargs``, as :func:`model_kwargs` writes
-    them or as checkpoints before :class:`NeuronSpec` did (neuron fields flat, ``fast_lif`` for ``fast``). A key
-    neither knows is left out."""
-    kwargs: dict[str, Any] = {k: stored[k] for k in NETWORK_KWARGS if k in stored}
+    """:func:`build_network`'s keyword arguments from a checkpoint's ``model_kwargs``, as :func:`model_kwargs`
+    writes them or as older checkpoints did (no ``arch``: ResNet-19; before :class:`NeuronSpec`, neuron fields flat,
+    ``fast_lif`` for ``fast``). A key none of them knows is left out."""
+    kwargs: dict[str, Any] = {"arch": LEGACY_ARCH} | {k: stored[k] for k in NETWORK_KWARGS if k in stored}
     neuron = {FLAT_NEURON_KWARGS[k]: v for k, v in stored.items() if k in FLAT_NEURON_KWARGS}
     neuron |= {k: v for k, v in (stored.get("neuron") or {}).items() if k in NEURON_FIELDS}
     kwargs["neuron"] = NeuronSpec(**neuron)
@@ -131,7 +135,7 @@ def model_config_fields(stored: dict[str, Any]) -> dict[str, Any]:
 def build_model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     """The network a checkpoint's ``model_kwargs`` describe (:func:`stored_model_kwargs`), with its weights."""
     kwargs = stored_model_kwargs(state["model_kwargs"])
-    model = resnet19(**kwargs)
+    model = build_network(**kwargs)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

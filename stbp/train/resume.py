@@ -107,6 +107,7 @@ def resume_state(cfg: Config, ckpts: CheckpointDir) -> dict | None:
         return None
     state, path = found
     stored = state.get("config") or {"model": model_config_fields(state.get("model_kwargs", {}))}
+    stored = {**stored, "model": {"arch": "resnet19", **stored.get("model", {})}}  # written before arch: ResNet-19
     changed = experiment_changes(stored, cfg)
     if changed:
         raise CheckpointError(
