@@ -356,7 +356,7 @@ def test_a_log_shows_progress_with_an_eta_and_the_last_line_where_the_outputs_ar
     lines = capsys.readouterr().out.splitlines()
     progress = [line for line in lines if "steps)" in line]
     pattern = (
-        r"\[stbp\] (\d+)% of epoch ([12]) of 2 \((\d)/8 steps\)  loss [\d.]+  \d+ img/s  "
+        r"\[stbp\] (\d+)% of epoch ([12]) of 2 \((\d)/8 steps\)  loss [\d.]+  \d+ img/s  waiting for data \d+%  "
         r"ETA epoch \d+:\d\d, run (\d+):(\d\d)"
     )
     parsed = [re.fullmatch(pattern, line) for line in progress]

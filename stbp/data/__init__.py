@@ -1,6 +1,7 @@
 """The data sets: what each one is (:mod:`.catalog`, facts the config reads); finding, verifying and downloading
 their files (:mod:`.files`); holding one on the training device and serving shuffled, sharded, augmented batches
-(:mod:`.loader`); the event-camera sets' readers, frames and splits (:mod:`.events`, :mod:`.event_sets`).
+(:mod:`.loader`); the event-camera sets' readers, frames and splits (:mod:`.events`, :mod:`.event_sets`); image
+folders and ImageNet listed (:mod:`.folders`) and streamed from disk batch by batch (:mod:`.stream`).
 
 The names below load on first use (PEP 562), so that the config can read :mod:`.catalog` without torch or numpy.
 """
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .event_sets import FRAME_FIELDS, FrameSettings, check_frames
     from .files import DATA_DIR_ENV, DataFormatError, DataNotFoundError, DatasetTensors, load_dataset, resolve_data_dir
+    from .folders import FolderIndex, folder_index, list_folder
     from .loader import (
         MNIST_MEAN,
         MNIST_STD,
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
         normalize,
         split_train_val,
     )
+    from .stream import StreamedDataset
 
 _HOME = {
     **dict.fromkeys(["FRAME_FIELDS", "FrameSettings", "check_frames"], ".event_sets"),
@@ -36,6 +39,8 @@ _HOME = {
         ".loader",
     ),
     **dict.fromkeys(["normalize", "split_train_val"], ".loader"),
+    **dict.fromkeys(["FolderIndex", "folder_index", "list_folder"], ".folders"),
+    "StreamedDataset": ".stream",
 }
 
 __all__ = [
@@ -47,11 +52,15 @@ __all__ = [
     "DataNotFoundError",
     "DatasetTensors",
     "DeviceDataset",
+    "FolderIndex",
     "FrameSettings",
+    "StreamedDataset",
     "augment",
     "check_frames",
     "epoch_indices",
     "event_input",
+    "folder_index",
+    "list_folder",
     "load_dataset",
     "model_input",
     "normalize",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ..config import apply_overrides
 from ..ports import free_port
 from ..tracking import check_tracking_uri, resolve_tracking_uri
 from .record import STATE_FILE, SweepCallback, collect_rows, mark_parent, open_sweep_record
@@ -26,6 +27,7 @@ __all__ = ["run_sweep", "SWEEP_FILE"]
 
 #: The resolved sweep, saved in its Ray experiment directory: a resume must match it.
 SWEEP_FILE = "sweep.yaml"
+INDEX_FILE = "file-index.npz"  # an image folder's listing, made once for the sweep's trials
 
 
 def _require(ok: bool, message: str) -> None:
@@ -174,6 +176,8 @@ def _check_data(train) -> None:
     from ..data import DataFormatError, DataNotFoundError, FrameSettings, load_dataset
     from ..data.catalog import DATASETS
 
+    if DATASETS[train.data.dataset].streamed:
+        return  # listed once by _list_folder
     frames = FrameSettings.of(train) if DATASETS[train.data.dataset].events else None
     try:
         load_dataset(train.data.dataset, train.data.data_dir, download=train.data.download, frames=frames)
@@ -181,6 +185,29 @@ def _check_data(train) -> None:
         raise SweepError(f"the trials would find no {train.data.dataset.upper().replace('_', '-')}: {exc}") from None
     except DataFormatError as exc:
         raise SweepError(f"the trials would read a malformed file: {exc}") from None
+
+
+def _list_folder(train):
+    """An image folder's or ImageNet's file index, listed here once for all trials (None for the other data sets)."""
+    from ..data import DataFormatError, DataNotFoundError
+    from ..data.catalog import DATASETS
+    from ..data.folders import folder_index
+
+    if not DATASETS[train.data.dataset].streamed:
+        return None
+    try:
+        return folder_index(train.data.dataset, train.data.data_dir)  # every class: trials may take fewer
+    except DataNotFoundError as exc:
+        raise SweepError(f"the trials would find no {train.data.dataset}: {exc}") from None
+    except DataFormatError as exc:
+        raise SweepError(f"the trials would read a malformed image folder: {exc}") from None
+
+
+def _with_index(train, sweep_dir: Path):
+    """The base config, reading the folder's index that :func:`_checked_sweep` saved in the sweep's directory (the
+    trials read that file, not the folder: one listing per sweep)."""
+    path = sweep_dir / INDEX_FILE
+    return apply_overrides(train, {"file_index": str(path)}) if path.is_file() else train
 
 
 def _start_ray(address: str | None) -> None:
@@ -224,6 +251,9 @@ def _checked_sweep(
     if not address:
         _check_local_resources(sweep.resources)
         _check_data(sweep.train)
+    if not (resume and (sweep_dir / INDEX_FILE).is_file()) and (index := _list_folder(sweep.train)) is not None:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        index.save(sweep_dir / INDEX_FILE)  # refused above, before anything else is written, if it cannot be read
     elif not tracking_uri.startswith(("http://", "https://")):
         print(
             f"[sweep] warning: trials on other nodes cannot write to {tracking_uri}; give --tracking_uri "
@@ -268,12 +298,13 @@ def run_sweep(
 
     sweep, sweep_dir, tracking_uri = _checked_sweep(sweep, address, resume, storage)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    train = _with_index(sweep.train, sweep_dir)
     saved = sweep_dir / SWEEP_FILE
     if not resume:
         saved.write_text(yaml.safe_dump(sweep_to_dict(sweep), sort_keys=False))
     record = open_sweep_record(sweep, tracking_uri, sweep_dir, saved)
     plan = TrialPlan(
-        base=sweep.train,
+        base=train,
         sweep_dir=str(sweep_dir),
         record=record,
         resources=sweep.resources,

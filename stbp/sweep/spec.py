@@ -35,7 +35,7 @@ from ..core.monitor import SPIKE_COST
 #: The metrics the trainer reports every epoch that a sweep can optimise (the spike cost is the validation set's).
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss", *SPIKE_COST)
 #: Bookkeeping fields every trial sets for itself (a sweep may still say where the data is and add tags).
-TRIAL_OWNED_FIELDS = tuple(f for f in BOOKKEEPING_FIELDS if f not in ("data_dir", "tags"))
+TRIAL_OWNED_FIELDS = tuple(f for f in BOOKKEEPING_FIELDS if f not in ("data_dir", "tags", "workers"))
 SEARCHABLE = tuple(f for f in sorted(FIELDS) if f not in TRIAL_OWNED_FIELDS)
 
 

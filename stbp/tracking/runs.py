@@ -239,18 +239,23 @@ def make_tracker(
         raise TrackingError(f"cannot open MLflow run at {uri}: {type(e).__name__}: {e}") from e
 
 
+FOLDER_FIELDS = ("image_size", "classes")  # parameters of the runs on image folders and ImageNet only
+
+
 def open_training_run(
     cfg, *, primary: bool, world_size: int, device: str, run_id: str | None, split_hash: str | None, out: Path
 ) -> NullTracker:
     """The tracker of a training run as this rank sees it: nothing off the ``primary`` rank; there, the MLflow run
     ``run_id`` (a resume, a sweep's trial) or a new one, tagged with the code, torch, ``world_size`` and ``device``
     (and ``cfg``'s tags), with ``cfg``'s fields as parameters. Where a run's records go (output and data directory,
-    the tracking settings) is tagged, not a parameter; the frame settings are parameters of event runs only, beside
-    their ``split_hash``, which names the exact train and test samples, so that only runs on one split compare."""
+    the tracking settings, an image folder's file index) is tagged, not a parameter; the frame settings are
+    parameters of event runs only and the image size and classes of image-folder runs only, beside their
+    ``split_hash``, which names the exact train and test samples, so that only runs on one split compare."""
     import torch
 
     from ..config import BOOKKEEPING_FIELDS, flatten_config
     from ..data import FRAME_FIELDS
+    from ..data.catalog import DATASETS
 
     if not primary:
         return NullTracker()
@@ -262,8 +267,9 @@ def open_training_run(
         pending_path=out / "mlflow_pending.jsonl",
     )  # fmt: skip
     flat = flatten_config(cfg)
-    skip = BOOKKEEPING_FIELDS if split_hash else (*BOOKKEEPING_FIELDS, *FRAME_FIELDS)
+    spec = DATASETS[cfg.data.dataset]
+    skip = (*BOOKKEEPING_FIELDS, *(() if spec.events else FRAME_FIELDS), *(() if spec.streamed else FOLDER_FIELDS))
     params = {k: v for k, v in flat.items() if k not in skip}
     tracker.log_params({**params, **({"split_hash": split_hash} if split_hash else {})})
-    tracker.set_tags({k: str(flat[k]) for k in ("output_dir", "data_dir") if flat[k] is not None})
+    tracker.set_tags({k: str(flat[k]) for k in ("output_dir", "data_dir", "file_index") if flat[k] is not None})
     return tracker

@@ -27,6 +27,8 @@ from ..core.model import channels_last
 from ..core.monitor import FiringRateMonitor, firing_rate_chart, spike_cost
 from ..data import DataFormatError, DataNotFoundError, FrameSettings, load_dataset, model_input
 from ..data.catalog import DATASETS
+from ..data.folders import folder_index
+from ..data.stream import StreamedDataset, default_workers
 from .checkpoint import CheckpointError, load_checkpoint
 from .distributed import DistEnv, all_reduce_sum
 
@@ -79,6 +81,23 @@ def evaluate(
     return out
 
 
+def _test_batches(cfg, root, batch_size: int, device: str, limit: int | None):
+    """The test set of the data set ``cfg`` trained on (and its frames, or classes and image size), in batches on
+    ``device`` (the first ``limit`` images; of an image folder, ``limit`` spread over it), and its ``split_hash``."""
+    spec = DATASETS[cfg.data.dataset]
+    if spec.streamed:
+        index = folder_index(spec.name, root, cfg.data.classes)
+        size = cfg.data.image_size or spec.size
+        data = StreamedDataset(index, device, spec=spec, image_size=size, val_size=1, test_size=limit or 0,
+                               workers=default_workers() if cfg.data.workers is None else cfg.data.workers)  # fmt: skip
+        return data.eval_batches("test", batch_size), index.identity
+    frames = FrameSettings.of(cfg) if spec.events else None
+    data = load_dataset(spec.name, root, download=cfg.data.download, frames=frames)
+    images, labels = data.test_images[:limit].to(device), data.test_labels[:limit].to(device)
+    batches = zip(images.split(batch_size), labels.split(batch_size))
+    return ((model_input(x, spec), y) for x, y in batches), data.split_hash
+
+
 def evaluate_checkpoint(
     path, data_dir=None, batch_size: int = 1000, device: str = "cpu", limit: int | None = None
 ) -> dict[str, Any]:
@@ -86,16 +105,11 @@ def evaluate_checkpoint(
     learned neuron parameters (``learned_neurons``, :func:`stbp.core.learned.learned_neurons`) when it has any."""
     model, cfg = load_checkpoint(path, map_location=device)
     model = model.to(device, memory_format=torch.channels_last)
-    spec = DATASETS[cfg.data.dataset]  # the checkpoint says which data set it was trained on (and its frames)
     root = data_dir if data_dir is not None else cfg.data.data_dir
-    frames = FrameSettings.of(cfg) if spec.events else None
-    data = load_dataset(spec.name, root, download=cfg.data.download, frames=frames)
-    images, labels = data.test_images[:limit].to(device), data.test_labels[:limit].to(device)
-    batches = zip(images.split(batch_size), labels.split(batch_size))
-    batches = ((model_input(x, spec), y) for x, y in batches)
+    batches, split_hash = _test_batches(cfg, root, batch_size, device, limit)
     result = evaluate(model, batches, "test", firing_rates=True)
     rates = {k.removeprefix("firing_rate/"): v for k, v in result.items() if k.startswith("firing_rate/")}
-    split = {"split_hash": data.split_hash} if data.split_hash else {}
+    split = {"split_hash": split_hash} if split_hash else {}
     learned = {"learned_neurons": values} if (values := learned_neurons(model)) else {}
     return {**{k: v for k, v in result.items() if "/" not in k}, **split, "firing_rates": rates, **learned}
 

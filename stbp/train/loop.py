@@ -10,6 +10,7 @@ checkpoints (:mod:`.checkpoint` and :mod:`.resume`, rank 0) -> MLflow (:mod:`stb
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -19,13 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, apply_overrides
 from ..core.learned import learned_means, learned_neurons, neuron_metrics
-from ..core.model import channels_last, resnet19
+from ..core.model import build_network, channels_last
 from ..core.monitor import SPIKE_COST
 from ..core.tdbn import convert_sync_tdbn
 from ..data import DeviceDataset, FrameSettings, check_frames, load_dataset
-from ..data.catalog import DATASETS
+from ..data.catalog import DATASETS, DatasetSpec
+from ..data.folders import FolderIndex, folder_index, folder_root
+from ..data.stream import StreamedDataset, default_workers
 from ..tracking import open_training_run
 from ..tracking.publishing import Publisher
 from .checkpoint import CheckpointDir, load_checkpoint, model_kwargs, read_checkpoint
@@ -39,6 +42,39 @@ from .step import EpochSums, LossOptions, check_divergence, train_step
 __all__ = ["train", "Callback", "Trainer"]
 
 Callback = Callable[[int, dict[str, float], "str | None"], None]
+
+
+def folder_listing(cfg: Config, env: DistEnv, spec: DatasetSpec) -> tuple[Config, FolderIndex | None]:
+    """An image folder's (or ImageNet's) file index, and ``cfg`` with the classes it has and its image size; rank 0
+    prepares ImageNet from its archives when only those are there, then every rank lists the folder (or reads the
+    index a sweep wrote). ``(cfg, None)`` for the data sets held in memory."""
+    if not spec.streamed:
+        return cfg, None
+    d = cfg.data
+    if env.is_primary:
+        folder_root(spec, d.data_dir, prepare=True)
+    barrier(env)
+    index = folder_index(spec.name, d.data_dir, d.classes, d.file_index, prepare=False)
+    return apply_overrides(cfg, {"num_classes": len(index.classes), "image_size": d.image_size or spec.size}), index
+
+
+def streamed_dataset(cfg: Config, env: DistEnv, spec: DatasetSpec, index: FolderIndex) -> StreamedDataset:
+    """The folder ``index`` lists, streamed to this rank's device by its decoding processes."""
+    d = cfg.data
+    workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if d.workers is None else d.workers
+    return StreamedDataset(
+        index, env.device, spec=spec, image_size=d.image_size, val_size=d.val_size, train_size=d.train_size,
+        test_size=d.test_size, seed=cfg.run.seed, workers=workers,
+    )  # fmt: skip
+
+
+def check_shapes(cfg: Config, spec: DatasetSpec) -> None:
+    """The model's input channels and classes fit the data set's (checked before any file is read)."""
+    if cfg.model.in_channels != spec.channels or cfg.model.num_classes < spec.classes:
+        raise ConfigError(
+            f"{spec.name} has {spec.channels}-channel images of {spec.classes} classes: the model's "
+            f"in_channels {cfg.model.in_channels} and num_classes {cfg.model.num_classes} do not fit"
+        )
 
 
 def device_dataset(cfg: Config, env: DistEnv, spec, frames: FrameSettings | None) -> DeviceDataset:
@@ -77,7 +113,7 @@ class Trainer:
         self.log = print if env.is_primary else (lambda *a, **k: None)
         self.progress = Progress(env.is_primary, cfg.run.epochs, cfg.run.batch_size)
         # Made by setup(), before the first step.
-        self.data: DeviceDataset | None = None
+        self.data: DeviceDataset | StreamedDataset | None = None
         self.steps = 0  # training steps an epoch
         self.raw_model: nn.Module | None = None  # the network itself; model is what trains it (DDP, compiled)
         self.model: nn.Module | None = None
@@ -93,17 +129,18 @@ class Trainer:
                 f"run.batch_size ({cfg.run.batch_size}) is not divisible by the {self.env.world_size} ranks"
             )
         spec = DATASETS[cfg.data.dataset]
-        if cfg.model.in_channels != spec.channels or cfg.model.num_classes < spec.classes:
-            raise ConfigError(
-                f"{spec.name} has {spec.channels}-channel images of {spec.classes} classes: the model's "
-                f"in_channels {cfg.model.in_channels} and num_classes {cfg.model.num_classes} do not fit"
-            )
+        check_shapes(cfg, spec)
+        cfg, index = folder_listing(cfg, self.env, spec)  # an image folder's classes are its own
+        self.cfg = cfg
         frames = FrameSettings.of(cfg)
         check_frames(spec.name, frames)  # on every rank, before any file is read
         saved = resume_state(cfg, self.ckpts)
         if cfg.run.stop_file and self.env.is_primary:  # a stop request from before this start is answered already
             Path(cfg.run.stop_file).unlink(missing_ok=True)
-        self.data = device_dataset(cfg, self.env, spec, frames if spec.events else None)
+        if index is not None:
+            self.data = streamed_dataset(cfg, self.env, spec, index)
+        else:
+            self.data = device_dataset(cfg, self.env, spec, frames if spec.events else None)
         self.steps = self.data.num_train_steps(cfg.run.batch_size, self.env.world_size)  # refuses too few batches
         self._build_model()
         self.optimizer = build_optimizer(cfg, self.raw_model)
@@ -124,7 +161,7 @@ class Trainer:
         """The network (seeded), its EMA, and what trains it: DDP across ranks, torch.compile when asked."""
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.run.seed)
-        self.raw_model = resnet19(**model_kwargs(cfg)).to(self.device, memory_format=torch.channels_last)
+        self.raw_model = build_network(**model_kwargs(cfg)).to(self.device, memory_format=torch.channels_last)
         if cfg.model.sync_bn and env.world_size > 1:
             convert_sync_tdbn(self.raw_model)
         self.ema = WeightEMA(self.raw_model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
@@ -205,7 +242,7 @@ class Trainer:
         )
         self.progress.start(epoch, self.steps)
         t0 = time.perf_counter()
-        for step, (x, y) in enumerate(batches, first):
+        for step, (x, y) in enumerate(self.progress.timed(batches), first):
             lr = lr_at(cfg, epoch + step / self.steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -226,6 +263,7 @@ class Trainer:
             "train_loss": loss / seen,
             "train_acc": 100.0 * correct / seen,
             "images_per_s": (seen - done[2]) / (time.perf_counter() - t0),
+            "data_wait": self.progress.waited / (time.perf_counter() - t0),
             "lr": lr,
         }
 
