@@ -39,7 +39,7 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
-    timings = ("epoch_time_s", "images_per_s", "val_time_s")  # clocks, not results
+    timings = ("epoch_time_s", "images_per_s", "val_time_s", "data_wait")  # clocks, not results
     assert b["metrics"][0] == pytest.approx(a["metrics"][0] | {k: b["metrics"][0][k] for k in timings})
 
 
@@ -78,6 +78,29 @@ def test_a_stop_file_saves_mid_epoch_and_the_resume_continues_exactly(tmp_path, 
     for epoch_a, epoch_b in zip(a["metrics"], b["metrics"]):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert epoch_b[key] == pytest.approx(epoch_a[key], rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_an_epoch_saved_but_not_yet_logged_when_the_run_died_is_logged_on_resume(tmp_path, data_dir, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from stbp.tracking.publishing import Publisher
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny(tmp_path, data_dir, epochs=2, patience=0, mlflow=True, tracking_uri=db, experiment="catch-up")
+    real = Publisher.epoch
+
+    def dies_before_logging(self, *args):  # between writing last.pt and logging the epoch to MLflow
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(Publisher, "epoch", dies_before_logging)
+    with pytest.raises(SystemExit):
+        train(cfg)
+    assert read_checkpoint(tmp_path / "out" / "checkpoints" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(Publisher, "epoch", real)
+    summary = train(cfg)
+    history = MlflowClient(db).get_metric_history(summary["mlflow_run_id"], "val_acc")
+    assert [m.step for m in history] == [1, 2]
 
 
 def test_checkpoints_load_safely_and_rebuild_the_model(tmp_path, data_dir):

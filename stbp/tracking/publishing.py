@@ -14,6 +14,13 @@ from ..core.monitor import SPIKE_COST, firing_rate_chart, rate_table
 __all__ = ["Publisher"]
 
 
+def _epoch_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """An epoch's metrics as logged: per-layer rates go to a table (as metrics they would be charted ahead of the
+    accuracy); the accuracy first, since MLflow's compare page charts the first metric a run logged."""
+    ordered = {k: metrics[k] for k in ("val_acc", "val_loss", *SPIKE_COST) if k in metrics}
+    return {**ordered, **{k: v for k, v in metrics.items() if "/" not in k}}
+
+
 class Publisher:
     """Publishes a run whose files are in ``out`` and checkpoints in ``ckpts`` (a
     :class:`stbp.train.checkpoint.CheckpointDir`: its ``last`` and ``best`` paths) to ``tracker``
@@ -22,13 +29,19 @@ class Publisher:
     def __init__(self, tracker, out: Path, ckpts):
         self.tracker, self.out, self.ckpts = tracker, out, ckpts
 
+    def caught_up(self, history: list[dict]) -> Publisher:
+        """This publisher, once the epochs of a resumed run's ``history`` that its MLflow run lacks are logged: a
+        run stopped after saving an epoch's checkpoint but before logging that epoch resumes after it."""
+        logged = self.tracker.logged_steps("val_acc")
+        for epoch, metrics in enumerate(history, 1):
+            if logged is not None and epoch not in logged:
+                self.tracker.log_metrics(_epoch_metrics(metrics), step=epoch)
+        return self
+
     def epoch(self, epoch: int, metrics: dict[str, float], history: list[dict], is_best: bool) -> None:
         """Epoch ``epoch``'s metrics (logged at that step; the run's ``history`` so far for the rate table),
         last.pt and a new best.pt."""
-        # Per-layer rates go to a table: as metrics they would be charted ahead of the accuracy.
-        # In this order: MLflow's compare page charts the first metric a run logged.
-        ordered = {k: metrics[k] for k in ("val_acc", "val_loss", *SPIKE_COST) if k in metrics}
-        self.tracker.log_metrics({**ordered, **{k: v for k, v in metrics.items() if "/" not in k}}, step=epoch)
+        self.tracker.log_metrics(_epoch_metrics(metrics), step=epoch)
         for table in (
             rate_table(history, self.out / "firing_rates.csv"),
             neuron_table(history, self.out / "neurons.csv"),

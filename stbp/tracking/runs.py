@@ -113,6 +113,9 @@ class NullTracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+    def logged_steps(self, key: str) -> set[int] | None:
+        """The steps at which the run holds metric ``key`` (None: unknown)."""
+        return None
 
 
 class Tracker(NullTracker):
@@ -190,6 +193,12 @@ class Tracker(NullTracker):
                 metrics=ms[i : i + 1000],
                 record={"step": step, "metrics": {m.key: m.value for m in ms[i : i + 1000]}},
             )
+
+    def logged_steps(self, key: str) -> set[int] | None:
+        try:
+            return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        except Exception:  # the store is unreachable: the calls already made are replayed from _pending
+            return None
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._safe("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)

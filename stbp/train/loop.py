@@ -155,7 +155,7 @@ class Trainer:
             run_id=self.state.mlflow_run_id, split_hash=self.data.split_hash, out=self.out,
         )  # fmt: skip
         self.state.mlflow_run_id = tracker.run_id
-        self.publisher = Publisher(tracker, self.out, self.ckpts)
+        self.publisher = Publisher(tracker, self.out, self.ckpts).caught_up(self.state.history)
 
     def _build_model(self) -> None:
         """The network (seeded), its EMA, and what trains it: DDP across ranks, torch.compile when asked."""
