@@ -171,9 +171,9 @@ def test_the_data_set_decides_channels_classes_and_flips_unless_given():
     with pytest.raises(
         ConfigError,
         match="data.dataset: input should be 'mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'nmnist', "
-        "'dvs_gesture' or 'cifar10_dvs', got 'imagenet'",
+        "'dvs_gesture', 'cifar10_dvs', 'imagenet' or 'imagefolder', got 'svhn'",
     ):
-        build_config(cli=["--dataset", "imagenet"])
+        build_config(cli=["--dataset", "svhn"])
     with pytest.raises(ConfigError, match=r"val_size must be in \[1, 50000\)"):
         build_config(cli=["--dataset", "cifar10", "--val_size", "50000"])
 

@@ -240,6 +240,10 @@ def test_a_short_run_learns_an_image_folder_and_records_what_it_read(folder, tmp
     assert 0 <= run.data.metrics["data_wait"] < 1
     saved = read_checkpoint(tmp_path / "out" / "checkpoints" / "best.pt")
     assert saved["config"]["model"]["num_classes"] == 3
+    from stbp.train.evaluate import evaluate_checkpoint  # python -m stbp.evaluate: the folder, from the checkpoint
+
+    scored = evaluate_checkpoint(tmp_path / "out" / "checkpoints" / "best.pt", batch_size=10)
+    assert scored["test_acc"] == pytest.approx(summary["test_acc"]) and scored["split_hash"] == summary["split_hash"]
 
 
 @pytest.mark.slow

@@ -96,7 +96,7 @@ class DataConfig:
     val_size: Int = 6000
     """Images held out of the official training images for validation (early stopping needs some)."""
     test_size: Annotated[Int, Field(ge=0)] = 0
-    """0 = the whole official test set (10,000 images); otherwise its first N (image folders: N spread over it)."""
+    """0 = the whole official test set; otherwise at most its first N (image folders: N spread over it)."""
     crop_padding: Annotated[Int, Field(ge=0)] = 4
     """Zero-padding for the random crop; 0 disables random cropping."""
     hflip: Bool = False
@@ -235,8 +235,6 @@ class Config:
         data, spec = self.data, DATASETS[self.data.dataset]
         if spec.train_size and not 1 <= data.val_size < spec.train_size:
             raise ValueError(f"data.val_size must be in [1, {spec.train_size}) for {spec.name}, got {data.val_size}")
-        if spec.test_size and data.test_size > spec.test_size:
-            raise ValueError(f"data.test_size must be in [0, {spec.test_size}] for {spec.name}, got {data.test_size}")
         folder_only = {k: getattr(data, k) for k in ("image_size", "file_index") if getattr(data, k) is not None}
         folder_only.update({k: getattr(data, k) for k in ("classes", "workers") if getattr(data, k)})
         if folder_only and not spec.streamed:

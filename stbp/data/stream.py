@@ -147,8 +147,8 @@ class _Plan:
 
 def _rows(index: FolderIndex, val_size: int, train_size: int, test_size: int, seed: int) -> dict[str, np.ndarray]:
     """Positions into the index of the train, val and test images: val carved out of the training folder as for
-    every data set (:func:`~.loader.split_train_val`), ``train_size`` the first of the rest, ``test_size`` spread
-    evenly over the test folder (which is sorted by class: its first N would be a few classes)."""
+    every data set (:func:`~.loader.split_train_val`), ``train_size`` the first of the rest, at most ``test_size``
+    spread evenly over the test folder (which is sorted by class: its first N would be a few classes)."""
     n_all, n_test = len(index.train_paths), len(index.test_paths)
     where = f"{index.root}/train"
     if not 1 <= val_size < n_all:
@@ -159,8 +159,7 @@ def _rows(index: FolderIndex, val_size: int, train_size: int, test_size: int, se
             f"data.train_size {train_size} exceeds the {len(train)} images of {where} left after val_size {val_size}"
         )
     train = train[:train_size] if train_size else train
-    if test_size > n_test:
-        raise DataFormatError(f"data.test_size {test_size} exceeds the {n_test} images of {index.root}/val")
+    test_size = min(test_size, n_test)  # at most: as for the data sets held in memory
     test = np.linspace(0, n_test - 1, test_size).round().astype(np.int64) if test_size else np.arange(n_test)
     return {"train": train, "val": val, "test": test}
 
