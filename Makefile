@@ -38,7 +38,7 @@ lock:
 XDIST := -n 4 --dist loadgroup
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q $(XDIST) --durations=30
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(XDIST)
