@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .model import SpikingResNet, build_network, resnet18, resnet19, resnet34
     from .monitor import FiringRateMonitor
     from .neuron import LIF, lif_fused, lif_reference, spike
+    from .nir_graph import NIRExportError, to_nir
     from .spec import REFERENCE, NeuronSpec
     from .tdbn import TdBN, convert_sync_tdbn
 
@@ -22,6 +23,7 @@ _HOME = {
     **dict.fromkeys(["SpikingResNet", "build_network", "resnet18", "resnet19", "resnet34"], ".model"),
     **dict.fromkeys(["FiringRateMonitor"], ".monitor"),
     **dict.fromkeys(["LIF", "lif_fused", "lif_reference", "spike"], ".neuron"),
+    **dict.fromkeys(["NIRExportError", "to_nir"], ".nir_graph"),
     **dict.fromkeys(["REFERENCE", "NeuronSpec"], ".spec"),
     **dict.fromkeys(["TdBN", "convert_sync_tdbn"], ".tdbn"),
 }
@@ -32,6 +34,7 @@ __all__ = [
     "TdBN",
     "FiringRateMonitor",
     "NeuronSpec",
+    "NIRExportError",
     "SpikingResNet",
     "build_network",
     "convert_sync_tdbn",
@@ -41,6 +44,7 @@ __all__ = [
     "resnet19",
     "resnet34",
     "spike",
+    "to_nir",
 ]
 assert sorted(__all__) == sorted(_HOME)
 
