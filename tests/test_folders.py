@@ -230,7 +230,7 @@ def test_a_short_run_learns_an_image_folder_and_records_what_it_read(folder, tmp
     db = tmp_path / "mlflow.db"
     cfg = folder_config(folder, tmp_path / "out", "--epochs", "3", "--mlflow", "--tracking_uri", f"sqlite:///{db}")
     summary = train(cfg)
-    assert summary["test_acc"] > 80 and summary["split_hash"] == list_folder(folder).identity
+    assert summary["test_acc"] > 60 and summary["split_hash"] == list_folder(folder).identity  # chance: 33%
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(f"sqlite:///{db}").get_run(summary["mlflow_run_id"])

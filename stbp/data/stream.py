@@ -78,11 +78,11 @@ def eval_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 def decode(path: str, size: int, rng: random.Random | None, hflip: bool, out: np.ndarray, scaled: bool = True) -> None:
     """Decode the image at ``path`` into ``out`` (uint8 ``[size, size, 3]``): a random resized crop drawn from ``rng``
-    (and a flip, when ``hflip``), or the evaluation crop when ``rng`` is None. Decodes at the smallest JPEG scale
-    that leaves the crop ``size`` pixels a side (``scaled``; else at full size, as torchvision's pipeline does).
-    :class:`DataFormatError` naming the file if it cannot be read."""
+    (and a flip, when ``hflip``), or the evaluation crop when ``rng`` is None. A JPEG whose crop keeps ``size`` pixels
+    a side at 1/2 scale or less is decoded at that scale (``scaled``); only the crop is resized, and an RGB image is
+    not copied on the way. :class:`DataFormatError` naming the file if it cannot be read."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
             width, height = img.size
             box = eval_box(width, height) if rng is None else train_box(width, height, rng)
             flip = rng is not None and hflip and rng.random() < 0.5
@@ -90,12 +90,11 @@ def decode(path: str, size: int, rng: random.Random | None, hflip: bool, out: np
             if scaled and reduce >= 2 and img.format == "JPEG":
                 img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
             sx, sy = img.size[0] / width, img.size[1] / height
-            rgb = img.convert("RGB")  # grayscale, CMYK, palette, alpha: all become RGB
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        crop = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
-        if flip:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out[...] = np.asarray(crop)
+            img.load()
+            rgb = img if img.mode == "RGB" else img.convert("RGB")  # grayscale, CMYK, palette, alpha: all RGB
+            scaled_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            crop = rgb.resize((size, size), Image.Resampling.BILINEAR, box=scaled_box)
+        out[...] = np.asarray(crop)[:, ::-1] if flip else np.asarray(crop)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataFormatError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
 
