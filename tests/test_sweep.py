@@ -304,13 +304,13 @@ def multi_sweeps(mlflow_server, tmp_path_factory, data_dir):
         "--epochs",
         "1",
         "--train_size",
-        "2048",
+        "1024",
         "--batch_size",
         "32",
         "--lr",
         "0.005",
         "--test_size",
-        "500",
+        "256",
     ]
     env, client = tune_env(data_dir), MlflowClient(mlflow_server)
     runs = [run_tune(args, work, env, work / f"run{i}.log") for i in (1, 2)]
@@ -415,7 +415,7 @@ CUT = {"v_th": 0.5, "aa": 0.6, "lr": 0.01}  # running when the driver is SIGKILL
 def write_fault_sweep(directory: Path) -> Path:
     data = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     data.update(name="faults", scheduler={"type": "none"}, failures={"max_failures": 1})
-    data["train"] = {"preset": "tiny", "epochs": 3, "lr": 0.01, "train_size": 2048}  # epochs of a few seconds
+    data["train"] = {"preset": "tiny", "epochs": 3, "lr": 0.01, "train_size": 1536}  # epochs of a few seconds
     data["space"] = {
         "v_th": {"type": "uniform", "low": 0.2, "high": 0.8},
         "aa": {"type": "uniform", "low": 0.2, "high": 1.0},
