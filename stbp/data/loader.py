@@ -25,6 +25,7 @@ __all__ = [
     "MNIST_STD",
     "split_train_val",
     "epoch_indices",
+    "eval_part",
     "normalize",
     "augment",
     "event_input",
@@ -67,6 +68,16 @@ def split_train_val(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     g.manual_seed(seed)
     perm = torch.randperm(n, generator=g, dtype=torch.int64)
     return perm[val_size:].clone(), perm[:val_size].clone()
+
+
+def eval_part(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of ``rank``'s contiguous part of ``range(n)``: parts differ in size by at most one (the first
+    ``n % world_size`` ranks get one extra) and together cover it once; a part is empty when ``world_size > n``."""
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need world_size > 0 and 0 <= rank < world_size, got {world_size}, {rank}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 def _num_steps(n: int, global_batch: int, world_size: int) -> int:
@@ -301,12 +312,7 @@ class DeviceDataset:
         Parts differ in size by at most one (the first ``n % world_size`` ranks get one extra) and together
         cover the split exactly once; a rank may get an empty part when ``world_size > n``.
         """
-        if world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"need world_size > 0 and 0 <= rank < world_size, got {world_size}, {rank}")
-        n = self._split(split)[0].shape[0]
-        base, extra = divmod(n, world_size)
-        start = rank * base + min(rank, extra)
-        return start, start + base + (1 if rank < extra else 0)
+        return eval_part(self._split(split)[0].shape[0], world_size, rank)
 
     def eval_batches(
         self, split: str, batch_size: int, world_size: int = 1, rank: int = 0

@@ -34,7 +34,7 @@ from torch import Tensor
 from .catalog import DatasetSpec
 from .files import DataFormatError
 from .folders import FolderIndex
-from .loader import _mix_seed, _num_steps, epoch_indices, normalize, split_train_val
+from .loader import _mix_seed, _num_steps, epoch_indices, eval_part, normalize, split_train_val
 
 __all__ = ["StreamedDataset", "train_box", "eval_box", "decode", "default_workers"]
 
@@ -231,11 +231,7 @@ class StreamedDataset:
     def eval_range(self, split: str, world_size: int = 1, rank: int = 0) -> tuple[int, int]:
         if split not in ("val", "test"):
             raise ValueError(f"split must be 'val' or 'test', got {split!r}")
-        if world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"need world_size > 0 and 0 <= rank < world_size, got {world_size}, {rank}")
-        base, extra = divmod(len(self.rows[split]), world_size)
-        start = rank * base + min(rank, extra)
-        return start, start + base + (1 if rank < extra else 0)
+        return eval_part(len(self.rows[split]), world_size, rank)
 
     def eval_batches(self, split, batch_size, world_size=1, rank=0) -> Iterator[tuple[Tensor, Tensor]]:
         """As :meth:`DeviceDataset.eval_batches`: this rank's contiguous part of ``split``, un-augmented."""
