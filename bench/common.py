@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -86,6 +87,13 @@ def machine_info(device: torch.device | None = None) -> dict:
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def write_json(report: dict, path: str) -> None:
+    """A benchmark's report as JSON at ``path`` (its folder made; what JSON cannot hold written as text)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
 
 
 def free_port() -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import shutil
 import sys
@@ -502,7 +501,7 @@ def main(argv=None) -> int:
             entry = attempt(entry, functools.partial(run_one, name, batch, compiled, args, device, flops), device)
         report["runs"].append(entry)
         summarise(report["runs"])
-        write(report, args.out)
+        common.write_json(report, args.out)
 
     report["cifar10"] = []
     for timesteps, precision in [] if args.no_cifar else itertools.product((2, 4), ("bf16", "fp32")):
@@ -515,18 +514,18 @@ def main(argv=None) -> int:
                 entry, functools.partial(run_cifar, timesteps, precision, args.batches[0], args, device), device
             )
         report["cifar10"].append(entry)
-        write(report, args.out)
+        common.write_json(report, args.out)
 
     if not args.no_loader:
         report["streamed"] = streamed_section(args, device, start)
-        write(report, args.out)
+        common.write_json(report, args.out)
 
     report["loader"] = bench_loader(device, max(args.batches), n_batches=5 if args.smoke else 50)
     best = max((r["images_per_s"] for r in report["runs"] if "images_per_s" in r), default=None)
     if best:
         report["loader"]["over_best_model"] = report["loader"]["images_per_s"] / best
     report["total_s"] = time.monotonic() - start
-    write(report, args.out)
+    common.write_json(report, args.out)
     print_table(report)
     log(f"done in {report['total_s']:.0f} s; wrote {args.out}")
     return 0
@@ -548,12 +547,6 @@ def attempt(entry: dict, run, device: torch.device) -> dict:
         f"{out['peak_memory_gib']:.2f} GiB"
     )
     return out
-
-
-def write(report: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -481,16 +481,10 @@ def main(argv=None) -> int:
             continue
         log(name)
         report[name] = run()
-        write(report, args.out)
+        common.write_json(report, args.out)
     print_report(report)
     log(f"wrote {args.out}")
     return 0
-
-
-def write(report: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
